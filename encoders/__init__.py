@@ -1,0 +1,1 @@
+"""mm_llama.encoders — see DESIGN.md for what this folder owns."""

@@ -1,0 +1,174 @@
+"""HF `LlamaForCausalLM` safetensors layout ↔ mm-llama (Meta-named) parameters."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mm_llama.checkpoints.state_dict import CheckpointError
+from mm_llama.config import LlamaConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_LAYER_NAMES = {  # HF suffix inside model.layers.i → ours inside layers.i
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "output.weight"}
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta q/k rows (adjacent RoPE pairs) → HF rows (rotate-half halves), per head."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `permute_for_hf`."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_key_to_ours(key: str) -> str | None:
+    """Our parameter name for an HF key, or None when the key is not part of a Llama decoder."""
+    if key in _TOP_NAMES:
+        return _TOP_NAMES[key]
+    match = _LAYER_KEY.fullmatch(key)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    return None
+
+
+def ours_key_to_hf(key: str) -> str:
+    for hf, ours in _TOP_NAMES.items():
+        if key == ours:
+            return hf
+    layer, _, rest = key.removeprefix("layers.").partition(".")
+    for hf, ours in _LAYER_NAMES.items():
+        if rest == ours:
+            return f"model.layers.{layer}.{hf}"
+    raise KeyError(f"no HF name for parameter {key!r}")
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The weight files of an HF checkpoint directory (single file or the shards an index names)."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no 'weight_map'; the sharded checkpoint index is corrupt")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(
+                f"{index} names shard file(s) that are not in {directory}: {', '.join(absent)}; "
+                "the download is incomplete"
+            )
+        return files
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    found = sorted(p.name for p in directory.glob("*.safetensors"))
+    hint = f" (found {', '.join(found)})" if found else ""
+    if not found and any(directory.glob("*.bin")):
+        hint = " (found only PyTorch .bin files; re-save them with safe_serialization=True)"
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}{hint}")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(key, tensor)` from safetensors files, one tensor at a time (memory-mapped reads)."""
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def load_hf_state_dict(directory: Path, cfg: LlamaConfig, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Our-named tensors from an HF Llama checkpoint, q/k RoPE permutation undone.
+
+    `prefix` selects a sub-model (e.g. `language_model.` inside an Mllama checkpoint); keys outside it are
+    skipped. Keys inside it that are not Llama parameters are passed through unchanged so the strict
+    loader reports them as unknown.
+    """
+    for key, tensor in iter_safetensors(safetensors_files(directory)):
+        if not key.startswith(prefix) or _IGNORED.fullmatch(key):
+            continue
+        hf_key = key[len(prefix):]
+        ours = hf_key_to_ours(hf_key)
+        if ours is None:
+            yield key, tensor
+            continue
+        if ours.endswith("attention.wq.weight"):
+            tensor = unpermute_from_hf(tensor, cfg.n_heads)
+        elif ours.endswith("attention.wk.weight"):
+            tensor = unpermute_from_hf(tensor, cfg.n_kv_heads)
+        yield ours, tensor
+
+
+def hf_state_dict(model: torch.nn.Module, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Model parameters under HF names, q/k permuted; a tied output head is not repeated."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        if key == "output.weight" and cfg.tie_embeddings:
+            continue
+        if key.endswith("attention.wq.weight"):
+            tensor = permute_for_hf(tensor, cfg.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            tensor = permute_for_hf(tensor, cfg.n_kv_heads)
+        out[ours_key_to_hf(key)] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def save_hf(model: torch.nn.Module, directory: str | Path, *, max_shard_bytes: int | None = None) -> Path:
+    """Write `config.json` + safetensors in HF layout (sharded with an index above `max_shard_bytes`)."""
+    cfg: LlamaConfig = model.cfg
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model, cfg)
+    hf_cfg = cfg.to_hf_dict()
+    hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    shards = _split_shards(tensors, max_shard_bytes)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE_FILE), metadata=metadata)
+        return directory
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=metadata)
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return directory
+
+
+def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards

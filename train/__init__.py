@@ -1,0 +1,1 @@
+"""mm_llama.train — see DESIGN.md for what this folder owns."""
