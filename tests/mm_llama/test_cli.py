@@ -1,0 +1,75 @@
+"""The `mm-llama` console script: help everywhere, generate end to end, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mm_llama.checkpoints import load_llama
+from mm_llama.cli import build_parser, main
+from mm_llama.generation import GenerationConfig, generate
+from mm_llama.tiny_checkpoint import write_tiny_checkpoint
+from mm_llama.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def _subcommands() -> list[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_console_script_help_lists_every_subcommand() -> None:
+    out = subprocess.run([sys.executable, "-m", "mm_llama.cli", "--help"], capture_output=True, text=True, check=True)
+    for name in _subcommands():
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("name", _subcommands())
+def test_every_subcommand_has_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: mm-llama {name}" in capsys.readouterr().out
+
+
+def test_generate_prints_what_the_library_generates(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--checkpoint", str(tiny_dir), "--prompt", "A red circle", "--prompt", "A blue star is",
+                 "--max-new-tokens", "6", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    tokenizer = Tokenizer.from_dir(tiny_dir)
+    model = load_llama(tiny_dir)
+    prompts = [tokenizer.encode(p, bos=True) for p in ("A red circle", "A blue star is")]
+    expected = generate(model, prompts, GenerationConfig(max_new_tokens=6, stop_ids=tokenizer.stop_ids))
+    assert [r["tokens"] for r in rows] == [e.tokens for e in expected]
+    assert [r["text"] for r in rows] == [tokenizer.decode(e.tokens) for e in expected]
+
+
+def test_generate_chat_uses_the_chat_template(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--checkpoint", str(tiny_dir), "--prompt", "hi", "--chat", "--max-new-tokens", "3",
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["tokens"]
+    tokenizer = Tokenizer.from_dir(tiny_dir)
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    expected = generate(load_llama(tiny_dir), [prompt], GenerationConfig(max_new_tokens=3, stop_ids=tokenizer.stop_ids))
+    assert got == expected[0].tokens
+
+
+def test_generate_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "mm-llama generate: error:" in err and "nope" in err
+
+
+def test_generate_rejects_a_prompt_longer_than_the_model(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--checkpoint", str(tiny_dir), "--prompt", "red " * 400]) == 2
+    assert "256" in capsys.readouterr().err
