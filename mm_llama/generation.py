@@ -1,0 +1,267 @@
+"""Batched autoregressive generation with a KV cache: greedy decoding and temperature / top-p sampling.
+
+Prompts of different lengths share one batch: they are left-padded to the longest, prefilled once, and
+then decoded one token per step for every row. Padding never advances a row's RoPE positions (see
+`KVCache`), so each row yields exactly the tokens it would yield alone. Tokenization is not done here;
+prompts and results are token ids.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Protocol
+
+import torch
+
+from mm_llama.kv_cache import KVCache
+
+StopReason = Literal["stop_token", "max_new_tokens", "max_seq_len"]
+
+ExtrasFn = Callable[[int], "dict[str, Any] | None"]
+"""`extras_fn(step)` → the `extras` for the model call of `step` (0 = prefill, k = k-th decode step)."""
+
+StepFn = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""`on_step(step, logits [B, V], tokens [B])`: the last-position logits of `step` and the tokens drawn."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class CausalLM(Protocol):
+    """What `generate` needs from a model: `LlamaDecoder` and the fusion models built on it."""
+
+    cfg: Any  # has vocab_size and max_seq_len
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache: ...
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        extras: dict[str, Any] | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick tokens and when to stop.
+
+    `temperature` 0 means greedy (argmax); otherwise logits are divided by it, softmaxed, restricted to
+    the `top_p` nucleus and sampled with a generator seeded from `seed` (None: a fresh random seed).
+    Generation of a row ends at the first id in `stop_ids` (not included in the output), after
+    `max_new_tokens` tokens, or when prompt plus output reach the model's `max_seq_len`. `pad_id` fills
+    the left padding of shorter prompts and the inputs of rows that already finished.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: frozenset[int] | set[int] = frozenset()
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        temperature_ok = isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+        if not temperature_ok or self.temperature < 0:
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filtering), got {self.top_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not _is_int(self.pad_id) or self.pad_id < 0:
+            raise ValueError(f"pad_id must be a non-negative token id, got {self.pad_id!r}")
+        try:
+            self.stop_ids = frozenset(operator.index(t) for t in self.stop_ids)
+        except TypeError:
+            raise ValueError(f"stop_ids must be a set of integer token ids, got {self.stop_ids!r}") from None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationResult:
+    """The output for one prompt: generated ids (without the stop token) and why generation ended."""
+
+    tokens: list[int] = field(default_factory=list)
+    stop_reason: StopReason = "max_new_tokens"
+    stop_token: int | None = None  # the stop id that ended generation, when stop_reason == "stop_token"
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability sums to at least `top_p`, renormalised.
+
+    `probs [B, V]` (rows sum to 1) → `[B, V]` with the tokens outside the nucleus set to 0. The most
+    likely token is always kept; ties at the boundary are broken by the sort order.
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of all more likely tokens
+    keep_sorted = mass_before < top_p
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    kept = probs.masked_fill(~keep, 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def sample_next(
+    logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Pick the next token of each row: `logits [B, V]` → ids `[B]` (long, on the logits' device).
+
+    Greedy (`gen.temperature == 0`) takes the argmax; otherwise samples from the temperature-scaled,
+    top-p filtered distribution with `generator` (None uses torch's global generator).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"sample_next expects logits [B, V], got shape {tuple(logits.shape)}")
+    if gen.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / gen.temperature, dim=-1)
+    probs = top_p_filter(probs, gen.top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def make_generator(gen: GenerationConfig, device: torch.device | str) -> torch.Generator | None:
+    """The sampling generator on `device`, seeded from `gen.seed` (random without one); None if greedy."""
+    if gen.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if gen.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(gen.seed)
+    return generator
+
+
+def _validate_prompts(prompts: list[list[int]], vocab_size: int, max_seq_len: int) -> list[list[int]]:
+    if len(prompts) == 0:
+        raise ValueError("generate() got an empty list of prompts; pass at least one prompt of token ids")
+    checked: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(
+                f"prompt {i} is empty; every prompt needs at least one token (e.g. the BOS token)"
+            )
+        if len(prompt) >= max_seq_len:
+            raise ValueError(
+                f"prompt {i} has {len(prompt)} tokens but the model's max_seq_len is {max_seq_len}, "
+                f"leaving no room to generate; shorten the prompt to at most {max_seq_len - 1} tokens"
+            )
+        ids: list[int] = []
+        for j, tok in enumerate(prompt):
+            try:
+                tok = operator.index(tok)
+            except TypeError:
+                raise ValueError(f"prompt {i} has a non-integer token {tok!r} at position {j}") from None
+            if not 0 <= tok < vocab_size:
+                raise ValueError(
+                    f"prompt {i} has token id {tok} at position {j}, outside the model's vocabulary "
+                    f"[0, {vocab_size}); check the tokenizer matches the model"
+                )
+            ids.append(tok)
+        checked.append(ids)
+    return checked
+
+
+def _left_pad(
+    prompts: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to the longest prompt: tokens `[B, L]` (long) and attention mask `[B, L]` (True = real)."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, longest - len(prompt):] = True
+    return tokens.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: CausalLM,
+    prompts: list[list[int]],
+    gen: GenerationConfig,
+    *,
+    extras_fn: ExtrasFn | None = None,
+    on_step: StepFn | None = None,
+) -> list[GenerationResult]:
+    """Continue each prompt (a list of token ids) and return one `GenerationResult` per prompt, in order.
+
+    The batch is left-padded with `gen.pad_id`, prefilled once into a KV cache, then decoded one token
+    per step for all rows. A finished row keeps being fed `pad_id` but its output is frozen; the loop
+    ends when every row has finished. Row `i` may generate at most
+    `min(max_new_tokens, max_seq_len - len(prompts[i]))` tokens; hitting the second bound ends it with
+    `stop_reason == "max_seq_len"`.
+
+    `extras_fn(step)` returns the `extras` passed to the model at `step` (0 = prefill); `on_step(step,
+    logits [B, V], tokens [B])` observes every step's last-position logits and chosen tokens (including
+    rows that already finished, whose tokens are ignored).
+    """
+    cfg = model.cfg
+    prompts = _validate_prompts(prompts, cfg.vocab_size, cfg.max_seq_len)
+    if gen.pad_id >= cfg.vocab_size:
+        raise ValueError(
+            f"pad_id {gen.pad_id} is outside the model's vocabulary [0, {cfg.vocab_size}); "
+            "choose a pad id the embedding table has"
+        )
+    batch = len(prompts)
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    # Row budgets count each row's own tokens, so a short prompt next to a long one is not cut short by
+    # the padding it carries; the cache holds the padded prompt plus the inputs of every decode step.
+    budgets = [min(gen.max_new_tokens, cfg.max_seq_len - n) for n in lengths]
+    steps = max(budgets)
+    cache = model.new_cache(batch, longest + steps - 1)
+    device = cache.valid.device
+    generator = make_generator(gen, device)
+
+    tokens, attention_mask = _left_pad(prompts, gen.pad_id, device)
+    results = [GenerationResult() for _ in prompts]
+    finished = [False] * batch
+    pad = torch.tensor(gen.pad_id, dtype=torch.long, device=device)
+    feed = tokens[:, -1]  # [B], the inputs of the next decode step
+
+    def extras(step: int) -> dict[str, Any] | None:
+        return extras_fn(step) if extras_fn is not None else None
+
+    logits = model(
+        tokens, attention_mask=attention_mask, cache=cache, extras=extras(0), last_only=True
+    )[:, -1]  # [B, V]
+    for step in range(steps):
+        if step > 0:
+            # Finished rows are fed pad as a real token: harmless (their output is frozen) and it keeps
+            # the cache free of new padding slots, so unpadded batches stay on the mask-free fast path.
+            logits = model(feed[:, None], cache=cache, extras=extras(step), last_only=True)[:, -1]
+        next_tokens = sample_next(logits, gen, generator)  # [B]
+        if on_step is not None:
+            on_step(step, logits, next_tokens)
+        for row, tok in enumerate(next_tokens.tolist()):
+            if finished[row]:
+                continue
+            result = results[row]
+            if tok in gen.stop_ids:
+                result.stop_reason, result.stop_token = "stop_token", tok
+                finished[row] = True
+                continue
+            result.tokens.append(tok)
+            if len(result.tokens) >= gen.max_new_tokens:
+                result.stop_reason, finished[row] = "max_new_tokens", True
+            elif len(result.tokens) >= budgets[row]:
+                result.stop_reason, finished[row] = "max_seq_len", True
+        if all(finished):
+            break
+        done = torch.tensor(finished, device=device)
+        feed = torch.where(done, pad, next_tokens)  # [B]
+    return results
