@@ -196,6 +196,7 @@ def generate(
     *,
     extras_fn: ExtrasFn | None = None,
     on_step: StepFn | None = None,
+    prefill_inputs: dict[str, Any] | None = None,
 ) -> list[GenerationResult]:
     """Continue each prompt (a list of token ids) and return one `GenerationResult` per prompt, in order.
 
@@ -207,7 +208,8 @@ def generate(
 
     `extras_fn(step)` returns the `extras` passed to the model at `step` (0 = prefill); `on_step(step,
     logits [B, V], tokens [B])` observes every step's last-position logits and chosen tokens (including
-    rows that already finished, whose tokens are ignored).
+    rows that already finished, whose tokens are ignored). `prefill_inputs` are extra keyword arguments
+    for the prefill call only (e.g. `images=` for `MultimodalLlama`, which caches what it derives from them).
     """
     cfg = model.cfg
     prompts = _validate_prompts(prompts, cfg.vocab_size, cfg.max_seq_len)
@@ -237,7 +239,8 @@ def generate(
         return extras_fn(step) if extras_fn is not None else None
 
     logits = model(
-        tokens, attention_mask=attention_mask, cache=cache, extras=extras(0), last_only=True
+        tokens, attention_mask=attention_mask, cache=cache, extras=extras(0), last_only=True,
+        **(prefill_inputs or {}),
     )[:, -1]  # [B, V]
     for step in range(steps):
         if step > 0:

@@ -31,6 +31,8 @@ class KVCache:
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
         self.max_len = max_len
+        # State that fusion layers keep across decode steps (e.g. image keys/values computed at prefill).
+        self.fusion_state: dict[str, object] = {}
 
     @property
     def batch_size(self) -> int:

@@ -17,7 +17,7 @@ from mm_llama.config import LlamaConfig
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-_LAYER_NAMES = {  # HF suffix inside model.layers.i → ours inside layers.i
+LAYER_NAMES = {  # HF suffix inside model.layers.i → ours inside layers.i
     "self_attn.q_proj.weight": "attention.wq.weight",
     "self_attn.k_proj.weight": "attention.wk.weight",
     "self_attn.v_proj.weight": "attention.wv.weight",
@@ -28,7 +28,7 @@ _LAYER_NAMES = {  # HF suffix inside model.layers.i → ours inside layers.i
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
-_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "output.weight"}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -48,20 +48,20 @@ def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def hf_key_to_ours(key: str) -> str | None:
     """Our parameter name for an HF key, or None when the key is not part of a Llama decoder."""
-    if key in _TOP_NAMES:
-        return _TOP_NAMES[key]
+    if key in TOP_NAMES:
+        return TOP_NAMES[key]
     match = _LAYER_KEY.fullmatch(key)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    if match and match.group(2) in LAYER_NAMES:
+        return f"layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
     return None
 
 
 def ours_key_to_hf(key: str) -> str:
-    for hf, ours in _TOP_NAMES.items():
+    for hf, ours in TOP_NAMES.items():
         if key == ours:
             return hf
     layer, _, rest = key.removeprefix("layers.").partition(".")
-    for hf, ours in _LAYER_NAMES.items():
+    for hf, ours in LAYER_NAMES.items():
         if rest == ours:
             return f"model.layers.{layer}.{hf}"
     raise KeyError(f"no HF name for parameter {key!r}")

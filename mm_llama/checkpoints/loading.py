@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -41,6 +42,38 @@ def checkpoint_format(directory: Path) -> str:
     )
 
 
+def llama_config_from_dir(directory: Path, max_seq_len: int | None = None) -> LlamaConfig:
+    """The text model's config from an HF (`config.json`) or Meta (`params.json`) checkpoint directory."""
+    fmt = checkpoint_format(directory)
+    if fmt == "hf":
+        hf = json.loads((directory / "config.json").read_text())
+        if hf.get("model_type") == "mllama":
+            raise CheckpointError(
+                f"{directory} is a Llama 3.2 Vision (Mllama) checkpoint; load it with load_multimodal "
+                "(or the caption / vqa commands)"
+            )
+        cfg = LlamaConfig.from_hf_dict(hf)
+    else:
+        params = json.loads((directory / "params.json").read_text())
+        if "vision_chunk_size" in params:
+            raise CheckpointError(
+                f"{directory} is a Llama 3.2 Vision Meta checkpoint; load it with load_multimodal"
+            )
+        cfg = LlamaConfig.from_meta_params(params)
+        if "output.weight" not in meta_keys(directory):  # params.json has no tie flag (Llama 3.2 1B/3B)
+            cfg = cfg.replace(tie_embeddings=True)
+    return cfg.replace(max_seq_len=max_seq_len) if max_seq_len is not None else cfg
+
+
+def llama_tensors(directory: Path, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The text model's tensors under mm-llama names, read one at a time."""
+    if checkpoint_format(directory) == "hf":
+        return load_hf_state_dict(directory, cfg)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaDecoder(cfg).state_dict().items()}
+    return load_meta_state_dict(directory, shapes)
+
+
 def load_llama(
     path: str | Path,
     *,
@@ -54,22 +87,9 @@ def load_llama(
     `dtype` on `device`.
     """
     directory = Path(path)
-    fmt = checkpoint_format(directory)
-    dtype = parse_dtype(dtype)
-    if fmt == "hf":
-        cfg = LlamaConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
-    else:
-        cfg = LlamaConfig.from_meta_params(json.loads((directory / "params.json").read_text()))
-        if "output.weight" not in meta_keys(directory):  # params.json has no tie flag (Llama 3.2 1B/3B)
-            cfg = cfg.replace(tie_embeddings=True)
-    if max_seq_len is not None:
-        cfg = cfg.replace(max_seq_len=max_seq_len)
+    cfg = llama_config_from_dir(directory, max_seq_len)
     with torch.device("meta"):
         model = LlamaDecoder(cfg)
-    if fmt == "hf":
-        tensors = load_hf_state_dict(directory, cfg)
-    else:
-        shapes = {k: v.shape for k, v in model.state_dict().items()}
-        tensors = load_meta_state_dict(directory, shapes)
-    assign_state_dict(model, tensors, dtype=dtype, device=device, source=str(directory))
+    assign_state_dict(model, llama_tensors(directory, cfg), dtype=parse_dtype(dtype), device=device,
+                      source=str(directory))
     return model.eval()
