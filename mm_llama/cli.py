@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from mm_llama.commands import COMMANDS
+from mm_llama.commands import PARSERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,8 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="A frozen Llama 3 language model with image, video and speech encoders fused in.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in COMMANDS:
-        command.add_parser(sub)
+    for add_parser in PARSERS:
+        add_parser(sub)
     return parser
 
 

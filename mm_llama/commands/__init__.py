@@ -1,5 +1,5 @@
-"""Subcommands of `mm-llama`; each module has `add_parser(subparsers)` that sets `run`."""
+"""Subcommands of `mm-llama`; each entry adds its parser (which sets `run`) to the subparsers."""
 
-from mm_llama.commands import generate
+from mm_llama.commands import generate, image_commands
 
-COMMANDS = [generate]
+PARSERS = [generate.add_parser, image_commands.add_caption_parser, image_commands.add_vqa_parser]

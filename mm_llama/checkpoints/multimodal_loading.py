@@ -1,0 +1,172 @@
+"""`load_multimodal` and adapter checkpoints: one call for any image-model directory.
+
+Accepted directories: HF Mllama (`config.json` with `model_type: mllama`), Meta Llama 3.2 Vision
+(`params.json` with `vision_chunk_size` + `consolidated.00.pth`), or an mm-llama run/export
+(`config.yaml` naming the base LM + `adapter.safetensors` with only the trained weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from mm_llama.checkpoints.hf import iter_safetensors
+from mm_llama.checkpoints.loading import checkpoint_format, llama_config_from_dir, llama_tensors, parse_dtype
+from mm_llama.checkpoints.mllama import load_hf_mllama_tensors, load_meta_mllama_tensors, text_config_from_hf
+from mm_llama.checkpoints.state_dict import CheckpointError, assign_state_dict
+from mm_llama.config import LlamaConfig
+from mm_llama.fusion import fusion_schedule
+from mm_llama.multimodal import MultimodalConfig, MultimodalLlama
+
+ADAPTER_FILE = "adapter.safetensors"
+RUN_CONFIG = "config.yaml"
+
+
+def vision_config_class(encoder: str) -> type:
+    if encoder == "mllama":
+        from mm_llama.encoders.mllama_vision import VisionConfig
+
+        return VisionConfig
+    if encoder == "timm":
+        from mm_llama.encoders.timm_vit import TimmEncoderConfig
+
+        return TimmEncoderConfig
+    raise ValueError(f"unknown image encoder {encoder!r}; use 'mllama' or 'timm'")
+
+
+def vision_config_from_dict(encoder: str, fields: dict[str, Any]) -> Any:
+    """Rebuild an encoder config from YAML/JSON fields (lists become the dataclass' tuples)."""
+    cls = vision_config_class(encoder)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {encoder} encoder setting(s) {unknown}; known: {sorted(known)}")
+    values = {k: tuple(v) if isinstance(v, list) and "tuple" in str(known[k].type) else v for k, v in fields.items()}
+    return cls(**values)
+
+
+def _build(cfg: MultimodalConfig) -> MultimodalLlama:
+    with torch.device("meta"):
+        return MultimodalLlama(cfg)
+
+
+def _config_from_hf(directory: Path) -> tuple[MultimodalConfig, list[int]]:
+    hf = json.loads((directory / "config.json").read_text())
+    if hf.get("model_type") != "mllama":
+        raise CheckpointError(
+            f"{directory} holds a {hf.get('model_type', 'unknown')!r} model, not Llama 3.2 Vision (mllama); "
+            "for a text-only Llama use `mm-llama generate`"
+        )
+    text_cfg, fusion = text_config_from_hf(hf["text_config"])
+    vision = vision_config_class("mllama").from_hf_dict(hf["vision_config"])
+    cfg = MultimodalConfig(text=text_cfg, vision=vision, encoder="mllama", fusion_layers=tuple(fusion))
+    return cfg, list(hf["text_config"].get("cross_attention_layers") or [])
+
+
+def _config_from_meta(directory: Path) -> MultimodalConfig:
+    params = json.loads((directory / "params.json").read_text())
+    if "vision_chunk_size" not in params:
+        raise CheckpointError(
+            f"{directory}/params.json describes a text-only Llama (no vision_chunk_size); "
+            "for it use `mm-llama generate`"
+        )
+    text_cfg = LlamaConfig.from_meta_params(params)
+    fusion = fusion_schedule(text_cfg.n_layers, int(params["vision_num_cross_attention_layers"]))
+    # Meta hard-codes the ViT-H/14 shape; `vision_encoder` (an mm-llama extension) overrides it for tests.
+    vision_fields = {"tile_size": params["vision_chunk_size"], "max_tiles": params.get("vision_max_num_chunks", 4),
+                     **params.get("vision_encoder", {})}
+    vision = vision_config_from_dict("mllama", vision_fields)
+    return MultimodalConfig(text=text_cfg, vision=vision, encoder="mllama", fusion_layers=tuple(fusion))
+
+
+def load_multimodal(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    max_seq_len: int | None = None,
+) -> MultimodalLlama:
+    """Load an image model (HF Mllama, Meta Llama 3.2 Vision, or an mm-llama adapter run) for inference."""
+    directory = Path(path)
+    if (directory / RUN_CONFIG).is_file():
+        return load_adapter_run(directory, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    fmt = checkpoint_format(directory)
+    if fmt == "hf":
+        cfg, cross = _config_from_hf(directory)
+        tensors = load_hf_mllama_tensors(directory, cfg.text, cross)
+    else:
+        cfg = _config_from_meta(directory)
+        tensors = load_meta_mllama_tensors(directory, list(cfg.fusion_layers), cfg.vision)
+    if max_seq_len is not None:
+        cfg = dataclasses.replace(cfg, text=cfg.text.replace(max_seq_len=max_seq_len))
+    model = _build(cfg)
+    assign_state_dict(model, tensors, dtype=parse_dtype(dtype), device=device, source=str(directory))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------- adapters
+def adapter_state_dict(model: MultimodalLlama) -> dict[str, torch.Tensor]:
+    """The encoder and fusion weights (what adapter training changes), under state-dict names."""
+    trained = {id(p) for group in ("encoder", "fusion") for p in model.parameter_groups()[group].values()}
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict(keep_vars=True).items() if id(v) in trained}
+
+
+def save_adapter(model: MultimodalLlama, out_dir: str | Path, *, base_lm: str | Path) -> Path:
+    """Write `adapter.safetensors` + `config.yaml` (base LM path, encoder config, fusion layout)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    run_cfg = {
+        "base_lm": str(Path(base_lm).resolve()),
+        "encoder": cfg.encoder,
+        "vision": dataclasses.asdict(cfg.vision),
+        "fusion_layers": list(cfg.fusion_layers),
+        "n_fusion_tokens": cfg.n_fusion_tokens,
+    }
+    tmp = out / (ADAPTER_FILE + ".tmp")
+    save_file(adapter_state_dict(model), str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / ADAPTER_FILE)
+    (out / RUN_CONFIG).write_text(yaml.safe_dump(run_cfg, sort_keys=False))
+    return out
+
+
+def load_adapter_run(
+    directory: Path,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    max_seq_len: int | None = None,
+) -> MultimodalLlama:
+    """Base LM from the path `config.yaml` names, plus the adapter weights beside it."""
+    run_cfg = yaml.safe_load((directory / RUN_CONFIG).read_text()) or {}
+    missing = [k for k in ("base_lm", "encoder", "vision", "fusion_layers") if k not in run_cfg]
+    if missing:
+        raise CheckpointError(f"{directory / RUN_CONFIG} lacks {missing}; it was not written by save_adapter")
+    if not (directory / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"{directory} has {RUN_CONFIG} but no {ADAPTER_FILE}; the run saved no adapter yet")
+    base = Path(run_cfg["base_lm"])
+    if not base.is_dir():
+        raise CheckpointError(
+            f"{directory / RUN_CONFIG} names base LM {base}, which does not exist; point base_lm at the Llama "
+            "checkpoint the adapter was trained on"
+        )
+    text_cfg = llama_config_from_dir(base, max_seq_len)
+    cfg = MultimodalConfig(
+        text=text_cfg, vision=vision_config_from_dict(run_cfg["encoder"], run_cfg["vision"]),
+        encoder=run_cfg["encoder"], fusion_layers=tuple(run_cfg["fusion_layers"]),
+        n_fusion_tokens=int(run_cfg.get("n_fusion_tokens", 8)),
+    )
+    model = _build(cfg)
+    tensors: Iterator[tuple[str, torch.Tensor]] = itertools.chain(
+        ((f"decoder.{k}", v) for k, v in llama_tensors(base, text_cfg)),
+        iter_safetensors([directory / ADAPTER_FILE]),
+    )
+    assign_state_dict(model, tensors, dtype=parse_dtype(dtype), device=device, source=str(directory))
+    return model.eval()

@@ -1,0 +1,82 @@
+"""`mm-llama caption` and `mm-llama vqa`: thin wrappers over `mm_llama.image_chat`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mm_llama.commands.device import add_device_options, resolve_device
+from mm_llama.generation import GenerationConfig
+from mm_llama.image_chat import DEFAULT_CAPTION_PROMPT, ImageAnswer, answer_images, load_image_model
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path,
+                   help="HF Mllama or Meta Llama 3.2 Vision directory, or an mm-llama run/export directory")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--plain", action="store_true",
+                   help="base-model prompt (<|image|><|begin_of_text|>text) instead of the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    add_device_options(p)
+
+
+def add_caption_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("caption", help="describe images", description="Generate a caption for each image.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (jpg, png, webp, ...)")
+    p.add_argument("--prompt", default=DEFAULT_CAPTION_PROMPT, help=f"instruction (default: {DEFAULT_CAPTION_PROMPT!r})")
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_common(p)
+    p.set_defaults(run=run_caption)
+
+
+def add_vqa_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vqa", help="answer a question about an image",
+                       description="Answer a question about one image.")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--question", required=True)
+    _add_common(p)
+    p.set_defaults(run=run_vqa)
+
+
+def _generation(args: argparse.Namespace, tokenizer) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop_ids=tokenizer.stop_ids,
+                            pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+
+
+def _report(results: list[ImageAnswer], args: argparse.Namespace, field: str, extra: dict | None = None) -> int:
+    failed = 0
+    for r in results:
+        if r.error is not None:
+            failed += 1
+            print(f"mm-llama {args.command}: skipped {r.source}: {r.error}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"image": r.source, "error": r.error, **(extra or {})}))
+        elif args.json:
+            print(json.dumps({"image": r.source, field: r.text, **(extra or {})}))
+        else:
+            print(f"{r.source}: {r.text}" if len(results) > 1 else r.text)
+    if failed:
+        print(f"mm-llama {args.command}: {failed} of {len(results)} image(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    device, dtype = resolve_device(args)
+    model, tokenizer = load_image_model(args.model, dtype=dtype, device=device)
+    results = answer_images(model, tokenizer, args.images, args.prompt, _generation(args, tokenizer),
+                            chat=not args.plain, batch_size=args.batch_size, names=args.images)
+    return _report(results, args, "caption")
+
+
+def run_vqa(args: argparse.Namespace) -> int:
+    device, dtype = resolve_device(args)
+    model, tokenizer = load_image_model(args.model, dtype=dtype, device=device)
+    results = answer_images(model, tokenizer, [args.image], args.question, _generation(args, tokenizer),
+                            chat=not args.plain, names=[args.image], progress=False)
+    return _report(results, args, "answer", {"question": args.question})

@@ -1,0 +1,110 @@
+"""Captioning and visual question answering over a `MultimodalLlama` (what `caption` / `vqa` run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tqdm import tqdm
+
+from mm_llama.data.image_transform import ImageInput, ImageTransform, TiledImage, collate_images
+from mm_llama.generation import GenerationConfig, generate
+from mm_llama.multimodal import MultimodalLlama
+from mm_llama.tokenizer import Tokenizer
+
+DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
+
+
+def image_prompt(tokenizer: Tokenizer, text: str, image_token_id: int, *, chat: bool = True) -> list[int]:
+    """Token ids for one image followed by `text`.
+
+    Chat (instruct models): `<|begin_of_text|>` + user header + `<|image|>` + text + `<|eot_id|>` + assistant
+    header. Plain (base models, Meta's completion style): `<|image|><|begin_of_text|>` + text.
+    `<|image|>` is inserted as an id, so tokenizers that do not list it work too.
+    """
+    if not chat:
+        return [image_token_id] + tokenizer.encode(text, bos=True)
+    return (
+        [tokenizer.bos_id] + tokenizer.encode_header("user") + [image_token_id] + tokenizer.encode(text.strip())
+        + [tokenizer.eot_id] + tokenizer.encode_header("assistant")
+    )
+
+
+@dataclass
+class ImageAnswer:
+    """One image's result: the generated text, or the reason the image could not be used."""
+
+    source: str
+    text: str | None = None
+    error: str | None = None
+
+
+def answer_images(
+    model: MultimodalLlama,
+    tokenizer: Tokenizer,
+    images: Sequence[ImageInput],
+    prompts: Sequence[str] | str,
+    gen: GenerationConfig,
+    *,
+    chat: bool = True,
+    batch_size: int = 8,
+    progress: bool | None = None,
+    names: Sequence[str] | None = None,
+) -> list[ImageAnswer]:
+    """Generate one answer per image (same prompt for all, or one prompt per image).
+
+    Images that cannot be read are reported in their `ImageAnswer.error` and the rest still run.
+    The progress bar shows by default when there are more than a handful of images.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts] * len(images)
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(prompts)} prompts for {len(images)} images; give one prompt or one per image")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    names = list(names) if names is not None else [str(i) if not isinstance(i, (str, Path)) else str(i) for i in images]
+    vision = model.cfg.vision
+    transform = ImageTransform(tile_size=vision.tile_size, max_tiles=vision.max_tiles)
+    device = next(model.parameters()).device
+    dtype = next(model.projector.parameters()).dtype
+    results = [ImageAnswer(source=name) for name in names]
+    bar = tqdm(total=len(images), unit="image", disable=not (progress if progress is not None else len(images) > 4))
+    for start in range(0, len(images), batch_size):
+        rows: list[int] = []
+        tiled: list[TiledImage] = []
+        for i in range(start, min(start + batch_size, len(images))):
+            try:
+                tiled.append(transform(images[i], source=names[i]))
+                rows.append(i)
+            except ValueError as e:
+                results[i].error = str(e)
+        if rows:
+            batch = collate_images([[t] for t in tiled], max_tiles=vision.max_tiles).to(device, dtype=dtype)
+            token_prompts = [image_prompt(tokenizer, prompts[i], model.cfg.image_token_id, chat=chat) for i in rows]
+            outputs = generate(model, token_prompts, gen, prefill_inputs={"images": batch})
+            for i, out in zip(rows, outputs):
+                results[i].text = tokenizer.decode(out.tokens).strip()
+        bar.update(min(batch_size, len(images) - start))
+    bar.close()
+    return results
+
+
+def load_image_model(path: str | Path, *, dtype, device) -> tuple[MultimodalLlama, Tokenizer]:
+    """The model and its tokenizer (from the model directory, or the base LM an adapter run names)."""
+    from mm_llama.checkpoints.multimodal_loading import RUN_CONFIG, load_multimodal
+
+    directory = Path(path)
+    model = load_multimodal(directory, dtype=dtype, device=device)
+    candidates: Iterable[Path] = [directory]
+    if (directory / RUN_CONFIG).is_file():
+        import yaml
+
+        candidates = [directory, Path(yaml.safe_load((directory / RUN_CONFIG).read_text())["base_lm"])]
+    for candidate in candidates:
+        if (candidate / "tokenizer.model").is_file() or (candidate / "tokenizer.json").is_file():
+            return model, Tokenizer.from_dir(candidate)
+    raise FileNotFoundError(
+        f"no tokenizer.model or tokenizer.json in {', '.join(str(c) for c in candidates)}; copy the tokenizer "
+        "of the base Llama next to the model"
+    )
