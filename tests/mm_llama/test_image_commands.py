@@ -17,7 +17,7 @@ from mm_llama.image_chat import image_prompt
 from mm_llama.tiny_checkpoint import sample_sentences
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.tokenizer_training import train_llama3_tokenizer
-from tests.reference.hf_mllama import tiny_hf_mllama
+from tests.reference.hf_mllama import save_hf_mllama, tiny_hf_mllama
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("mllama")
     train_llama3_tokenizer(sample_sentences(), 300, path)
     vocab = Tokenizer.from_dir(path).vocab_size
-    tiny_hf_mllama(vocab=vocab).save_pretrained(path)
+    save_hf_mllama(tiny_hf_mllama(vocab=vocab), path)
     return path
 
 

@@ -25,3 +25,23 @@ def test_bf16_cuda_logits_track_fp32_cpu(tmp_path: Path) -> None:
     scale = ref.abs().max().item()
     assert (got - ref).abs().max().item() <= 0.03 * scale
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.95
+
+
+@pytest.mark.gpu
+def test_mllama_bf16_cuda_tracks_fp32_cpu(tmp_path: Path) -> None:
+    from mm_llama.checkpoints.multimodal_loading import load_multimodal
+    from tests.reference.hf_mllama import IMAGE, make_images, save_hf_mllama, tiny_hf_mllama
+
+    save_hf_mllama(tiny_hf_mllama(), tmp_path)
+    cpu = load_multimodal(tmp_path)
+    gpu = load_multimodal(tmp_path, dtype="bfloat16", device="cuda")
+    tokens = torch.tensor([[1, IMAGE] + list(range(10, 40))])
+    images = make_images([[(2, 2)]])
+    with torch.no_grad():
+        ref = cpu(tokens, images=images)
+        got = gpu(tokens.cuda(), images=images.__class__(images.pixels.cuda().bfloat16(), images.aspect_ratio_ids.cuda(),
+                                                         images.tile_mask.cuda(), images.num_tiles)).float().cpu()
+    gap = (got - ref).abs().max().item()
+    print(f"Mllama bf16 CUDA vs fp32 CPU: max |logit gap| {gap:.4f} (logit scale {ref.abs().max().item():.2f})")
+    assert gap <= 0.05 * ref.abs().max().item()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
