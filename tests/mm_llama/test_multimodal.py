@@ -161,3 +161,30 @@ def _plain_copy(model: MultimodalLlama) -> LlamaDecoder:
 def test_image_tokens_without_images_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="1 <\\|image\\|> token\\(s\\) but 0 image\\(s\\)"):
         _model()(torch.tensor([_prompt(1)]))
+
+
+def test_timm_encoder_plugs_into_the_same_model_and_adapter_round_trip(tmp_path: Path) -> None:
+    from mm_llama.encoders.timm_vit import TimmEncoderConfig
+
+    vision = TimmEncoderConfig(model_name="vit_tiny_patch16_224", timm_kwargs=dict(embed_dim=32, depth=3, num_heads=4,
+                               patch_size=16), tile_size=32, max_tiles=4, taps=(1, 2), n_gated_layers=1)
+    torch.manual_seed(0)
+    model = MultimodalLlama(MultimodalConfig(text=TEXT, vision=vision, encoder="timm", fusion_layers=(1,))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("gate", "gate_attn", "gate_ffn", "gate_ffwd"):
+                p.fill_(0.5)
+    tokens = torch.tensor([[IMAGE, 1, 5, 6, 7]])
+    pixels = torch.randn(1, 1, 4, 3, 32, 32)
+    images = type(make_images([[(1, 1)]]))(pixels, torch.tensor([[6]]), torch.tensor([[[True] * 4]]), [[4]])
+    with torch.no_grad():
+        logits = model(tokens, images=images)
+        text_only = model.decoder(tokens)
+    assert model.encoder.out_dim == 32 * 3 and logits.shape == (1, 5, TEXT.vocab_size)
+    assert (logits - text_only).abs().max() > 1e-3
+
+    save_hf(_plain_copy(model), tmp_path / "base")
+    save_adapter(model, tmp_path / "run", base_lm=tmp_path / "base")
+    again = load_multimodal(tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens, images=images), logits, atol=1e-6, rtol=0)
