@@ -9,11 +9,12 @@ from typing import Iterable, Sequence
 from tqdm import tqdm
 
 from mm_llama.data.image_transform import ImageInput, ImageTransform, TiledImage, collate_images
+from mm_llama.data.prompts import DEFAULT_CAPTION_PROMPT, prompt_ids
 from mm_llama.generation import GenerationConfig, generate
+from mm_llama.media_tokens import MediaTokens
 from mm_llama.multimodal import MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 
-DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
 
 
 def image_prompt(tokenizer: Tokenizer, text: str, image_token_id: int, *, chat: bool = True) -> list[int]:
@@ -25,10 +26,8 @@ def image_prompt(tokenizer: Tokenizer, text: str, image_token_id: int, *, chat: 
     """
     if not chat:
         return [image_token_id] + tokenizer.encode(text, bos=True)
-    return (
-        [tokenizer.bos_id] + tokenizer.encode_header("user") + [image_token_id] + tokenizer.encode(text.strip())
-        + [tokenizer.eot_id] + tokenizer.encode_header("assistant")
-    )
+    # the same template training uses (data/prompts.py), so training and inference prompts are identical
+    return prompt_ids(tokenizer, MediaTokens(image_token_id), "vqa", {"question": text})
 
 
 @dataclass
