@@ -1,5 +1,5 @@
 """Subcommands of `mm-llama`; each entry adds its parser (which sets `run`) to the subparsers."""
 
-from mm_llama.commands import generate, image_commands
+from mm_llama.commands import generate, image_commands, shards
 
-PARSERS = [generate.add_parser, image_commands.add_caption_parser, image_commands.add_vqa_parser]
+PARSERS = [generate.add_parser, image_commands.add_caption_parser, image_commands.add_vqa_parser, shards.add_parser]

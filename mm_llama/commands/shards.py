@@ -1,0 +1,88 @@
+"""`mm-llama shards`: write webdataset shards from a JSONL manifest of local media files and texts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mm_llama.data.manifest import ManifestError, write_shards
+
+SHOW_SKIPPED = 10
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "shards",
+        help="write webdataset shards from a JSONL manifest of local files",
+        description=(
+            "Write webdataset shards (OUTDIR/shard-NNNNNN.tar) and OUTDIR/stats.json from a JSONL manifest. "
+            'Each line is one of {"image": PATH, "caption": TEXT}, {"image": PATH, "question": TEXT, '
+            '"answer": TEXT}, {"audio": PATH, "text": TEXT, "language": LANG[, "translation": TEXT]}, '
+            '{"video": PATH, "caption": TEXT}, with an optional "key". Relative paths resolve against the '
+            "manifest's folder. Every media file is decoded to validate it; bad lines are skipped and listed "
+            "in stats.json. Exit status: 0 all lines written, 1 some lines skipped, 2 nothing could be done "
+            "(unusable manifest or output folder). Layouts: data/LAYOUTS.md."
+        ),
+    )
+    p.add_argument("manifest", type=Path, metavar="MANIFEST.jsonl", help="JSONL manifest, one sample per line")
+    p.add_argument("outdir", type=Path, metavar="OUTDIR",
+                   help="output folder for the shards and stats.json (created if missing)")
+    p.add_argument("--samples-per-shard", type=_positive_int, default=1000, metavar="N",
+                   help="at most N samples per shard (default: 1000)")
+    p.add_argument("--max-shard-mb", type=_positive_float, default=None, metavar="M",
+                   help="also start a new shard before a shard file would exceed M megabytes (10^6 bytes); "
+                   "a single larger sample gets a shard of its own (default: no size limit)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shards that an earlier run left in OUTDIR (default: refuse to mix runs)")
+    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the shards; print a summary. Returns 0 (all written), 1 (lines skipped) or 2 (unusable input)."""
+    try:
+        stats = write_shards(
+            args.manifest, args.outdir, samples_per_shard=args.samples_per_shard, max_shard_mb=args.max_shard_mb,
+            progress=not args.no_progress, overwrite=args.overwrite,
+        )
+    except (ManifestError, ValueError, OSError) as e:
+        print(f"mm-llama shards: error: {e}", file=sys.stderr)
+        return 2
+
+    print(
+        f"wrote {stats['samples']} samples in {len(stats['shards'])} shard(s), {stats['bytes'] / 1e6:.2f} MB, "
+        f"to {args.outdir}"
+    )
+    counts = ", ".join(f"{name} {n}" for name, n in stats["layouts"].items() if n)
+    if counts:
+        print(f"  {counts}")
+    if stats["skipped"]:
+        print(f"skipped {stats['skipped']} line(s) (all listed in {args.outdir / 'stats.json'}):")
+        for s in stats["skipped_samples"][:SHOW_SKIPPED]:
+            where = f" {s['file']}:" if s["file"] else ""
+            print(f"  line {s['line']}:{where} {s['reason']}")
+        if stats["skipped"] > SHOW_SKIPPED:
+            print(f"  ... and {stats['skipped'] - SHOW_SKIPPED} more")
+        return 1
+    return 0
