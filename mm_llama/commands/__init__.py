@@ -1,5 +1,11 @@
 """Subcommands of `mm-llama`; each entry adds its parser (which sets `run`) to the subparsers."""
 
-from mm_llama.commands import generate, image_commands, shards
+from mm_llama.commands import generate, image_commands, shards, synth
 
-PARSERS = [generate.add_parser, image_commands.add_caption_parser, image_commands.add_vqa_parser, shards.add_parser]
+PARSERS = [
+    generate.add_parser,
+    image_commands.add_caption_parser,
+    image_commands.add_vqa_parser,
+    shards.add_parser,
+    synth.add_parser,
+]

@@ -1,0 +1,106 @@
+"""`mm-llama synth`: write synthetic shards (shapes, moving-shapes, speech, text) for the built-in default."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+KIND_CHOICES = ("shapes", "moving-shapes", "speech", "text")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write synthetic shards (shapes, moving-shapes, speech, text) for the built-in default",
+        description=(
+            "Generate synthetic data from one small grammar and write it as webdataset shards. "
+            "shapes: PNG images of 1-3 coloured shapes -> OUTDIR/image-caption (KEY.png/txt/json) and "
+            "OUTDIR/image-qa (KEY.png + KEY.json with question/answer). moving-shapes: 16-frame mp4 clips of a "
+            "shape that moves or changes colour -> OUTDIR/video-caption and OUTDIR/video-qa. speech: espeak-ng "
+            "speech of grammar sentences and digit strings, 16 kHz FLAC -> OUTDIR/speech (KEY.flac + KEY.json "
+            "with text/language/duration/sample_rate/voice); the test split's voices never occur in train. "
+            "text: documents covering the grammar -> OUTDIR/text shards (KEY.txt) and OUTDIR/text/SPLIT-corpus.txt. "
+            "Shards are named SPLIT-NNNNNN.tar, so all splits and kinds can share one OUTDIR. The same "
+            "--seed and --split always give byte-identical files; train, val and test never share content."
+        ),
+    )
+    p.add_argument("kind", metavar="KIND", choices=KIND_CHOICES, help="what to generate: " + ", ".join(KIND_CHOICES))
+    p.add_argument("out_dir", metavar="OUTDIR", type=Path, help="output folder (created if missing)")
+    p.add_argument("--n", type=_positive_int, default=1000,
+                   help="number of samples: images, clips, utterances or documents (default 1000); QA layouts "
+                        "hold one record per selected question, so more than N")
+    p.add_argument("--seed", type=int, default=0, help="random seed; with --split it fixes every byte (default 0)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="train",
+                   help="which split to write; splits never share content (default train)")
+    p.add_argument("--samples-per-shard", type=_positive_int, default=1000,
+                   help="at most this many records per shard (default 1000)")
+    p.add_argument("--max-shard-mb", type=_positive_float, default=None,
+                   help="at most this many MB (10^6 bytes) per shard file (default: no limit)")
+    p.add_argument("--noise-prob", type=_probability, default=0.0,
+                   help="speech only: probability of adding white noise at 10-30 dB SNR to an utterance (default 0)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="generator processes; the output does not depend on it (default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace this split's shards from an earlier run instead of stopping with an error")
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mm_llama.data.synth import write_synth
+
+    if args.noise_prob and args.kind != "speech":
+        raise ValueError(f"--noise-prob applies to the speech kind only, not {args.kind!r}")
+    options = {"noise_prob": args.noise_prob} if args.kind == "speech" else {}
+    max_bytes = None if args.max_shard_mb is None else max(1, int(args.max_shard_mb * 1_000_000))
+    with tqdm(total=args.n, desc=f"synth {args.kind} {args.split}", unit="sample", disable=args.no_progress) as bar:
+        def progress(done: int) -> None:
+            bar.update(done - bar.n)
+
+        summary = write_synth(
+            args.kind, args.out_dir, n=args.n, seed=args.seed, split=args.split,
+            samples_per_shard=args.samples_per_shard, max_shard_bytes=max_bytes, overwrite=args.overwrite,
+            workers=args.workers, progress=progress, **options,
+        )
+    rate = summary.n / summary.seconds if summary.seconds > 0 else float("inf")
+    print(f"wrote {summary.n} {args.kind} samples (seed {summary.seed}, split {summary.split}) in "
+          f"{summary.seconds:.1f} s ({rate:.1f} samples/s):")
+    for layout in summary.layouts.values():
+        folder = args.out_dir / layout.directory
+        print(f"  {folder}: {layout.samples} records in {len(layout.shards)} shard(s), "
+              f"{layout.bytes / 1e6:.2f} MB ({', '.join(layout.shards[:3])}{', ...' if len(layout.shards) > 3 else ''})")
+    for name in summary.files:
+        print(f"  {args.out_dir / name}")
+    return 0

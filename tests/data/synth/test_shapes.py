@@ -1,0 +1,77 @@
+"""`shapes` images: described colours sit at the described positions, shapes do not overlap."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mm_llama.data.synth import grammar
+from mm_llama.data.synth.shapes import IMAGE_SIZES, POSITION_CELLS, make_shapes_sample
+from tests.data.synth.helpers import load_json, png_pixels
+
+
+def _position_of(cx: int, cy: int, width: int, height: int) -> str | None:
+    cell = (int(cx // (width / 3)), int(cy // (height / 3)))
+    return next((p for p, c in POSITION_CELLS.items() if c == cell), None)
+
+
+def test_pixels_match_the_description() -> None:
+    sizes = set()
+    for i in range(40):
+        s = make_shapes_sample(3, "train", i)
+        pixels = png_pixels(s.png)
+        assert pixels.shape == (s.height, s.width, 3)
+        sizes.add((s.width, s.height))
+        meta = s.json_dict()
+        assert len(meta["objects"]) == len(s.scene.objects)
+        bg = np.array(grammar.BACKGROUNDS[s.background])
+        assert (pixels[0, 0] == bg).all()  # corners are background: shapes stay inside their cells
+        for obj in meta["objects"]:
+            cx, cy = obj["center"]
+            # the described colour is at the shape's centre, and the centre lies in the described position
+            assert tuple(pixels[cy, cx]) == grammar.COLOURS[obj["colour"]], (i, obj)
+            assert _position_of(cx, cy, s.width, s.height) == obj["position"], (i, obj)
+            # the caption names every object with its position
+            assert obj["colour"] in s.caption and obj["shape"] in s.caption
+            assert grammar.POSITION_PHRASES[obj["position"]] in s.caption.lower()
+        # no overlaps: bounding circles are disjoint
+        for a in range(len(meta["objects"])):
+            for b in range(a + 1, len(meta["objects"])):
+                oa, ob = meta["objects"][a], meta["objects"][b]
+                dist = math.dist(oa["center"], ob["center"])
+                assert dist > oa["radius"] + ob["radius"], (i, oa, ob)
+    assert len(sizes) >= 3 and sizes <= set(IMAGE_SIZES)
+
+
+def test_large_shapes_cover_more_pixels_than_small_ones() -> None:
+    areas: dict[str, list[int]] = {"small": [], "large": []}
+    for i in range(40):
+        s = make_shapes_sample(4, "val", i)
+        if len(s.placed) != 1:
+            continue
+        pixels = png_pixels(s.png).astype(int)
+        colour = np.array(grammar.COLOURS[s.placed[0].obj.colour])
+        cell = min(s.width, s.height) / 3
+        areas[s.placed[0].obj.size].append(int((np.abs(pixels - colour).sum(-1) == 0).sum()) / cell**2)
+    assert areas["small"] and areas["large"]
+    assert max(areas["small"]) < min(areas["large"])
+
+
+def test_records_have_both_layouts() -> None:
+    s = make_shapes_sample(0, "test", 2)
+    records = s.records()
+    [(key, cap)] = records["image-caption"]
+    assert key == "test-00000002" and set(cap) == {"png", "txt", "json"}
+    meta = load_json(cap["json"])
+    assert meta["caption"] == cap["txt"].decode() and meta["split"] == "test" and meta["qa"]
+    qa = records["image-qa"]
+    assert len(qa) >= 4
+    types = []
+    for j, (qkey, files) in enumerate(qa):
+        assert qkey == f"{key}-q{j}" and set(files) == {"png", "json"} and files["png"] == cap["png"]
+        q = load_json(files["json"])
+        assert q["question"].endswith("?") and q["answer"] and " " not in q["answer"] and q["image_key"] == key
+        assert {"question": q["question"], "answer": q["answer"], "type": q["type"]} in meta["qa"]
+        types.append(q["type"])
+    assert len(set(types)) == len(types)
