@@ -1,0 +1,427 @@
+"""Where samples come from: shard lists, epochs or resampling, node and worker splits, damaged tars.
+
+* :func:`expand_shards` turns what a user passes (``"dir/shard-{000000..000009}.tar"`` brace patterns,
+  a directory of ``.tar`` files, a glob, a single path, remote URLs, or a list of any of these) into a
+  list of shard URLs, with a clear error when nothing matches.
+* :class:`ShardSource` yields ``{"url": shard}`` dicts for the calling process and DataLoader worker,
+  in one of two modes:
+
+  - **explicit epochs** (default): every rank and worker shuffles the whole list with the same seed for
+    the epoch (``seed``, ``epoch``, repetition), then takes every ``world_size``-th shard from its
+    ``rank`` (:func:`split_by_node`) and of those every ``num_workers``-th from its worker id
+    (:func:`split_by_worker`). All (rank, worker) pairs thus see disjoint shards that together cover
+    the list exactly once per epoch.
+  - **resampled**: each worker draws shards with replacement, forever, from webdataset's
+    ``ResampledShards`` seeded by (``seed``, ``epoch``, rank, worker, repetition): reproducible for a
+    seed, different across workers and epochs. Bound the epoch with ``with_epoch`` (the pipelines'
+    ``samples_per_epoch``).
+
+* :func:`tar_samples` reads the shards with webdataset's ``tarfile_to_samples`` and a
+  :class:`TarErrorHandler`: a truncated or corrupt archive is skipped (its good members are kept) and
+  counted once per shard in the worker's :class:`~mm_llama.data.loader_stats.StatsRecorder`.
+  Python's ``tarfile`` silently ends an archive at a corrupt header that is not the first one, so for
+  local ``.tar`` files :func:`check_tar_end` first walks the headers and reports data it would leave
+  unread.
+
+Seeds are mixed with :func:`mix_seed` (BLAKE2 of the integers), never with Python's ``hash`` of
+strings, so that orders are identical across processes and runs.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
+from itertools import islice
+from typing import Any
+
+import torch
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+
+from mm_llama.data.loader_stats import StatsRecorder
+
+__all__ = [
+    "SHARD_SUFFIXES",
+    "ShardSource",
+    "TarErrorHandler",
+    "check_tar_end",
+    "expand_shards",
+    "mix_seed",
+    "node_info",
+    "samples_per_worker",
+    "split_by_node",
+    "split_by_worker",
+    "tar_samples",
+    "worker_info",
+]
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+"""File names a directory is searched for (img2dataset/video2dataset also leave .parquet and
+_stats.json files beside their shards; those are ignored)."""
+
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "ais://", "hf://")
+_GLOB_CHARS = set("*?[")
+
+
+# --------------------------------------------------------------------------------------------------
+# shard lists
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith(_REMOTE_PREFIXES) or ("://" in url and not url.startswith("file:"))
+
+
+def _local_path(url: str) -> str | None:
+    """The filesystem path of a local shard URL (``file:`` prefix removed), None for remote ones."""
+    if _is_remote(url):
+        return None
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if url.startswith("file:"):
+        return url[len("file:"):]
+    return url
+
+
+def _tars_in(directory: str) -> list[str]:
+    return sorted(
+        os.path.join(directory, name)
+        for name in os.listdir(directory)
+        if name.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(directory, name))
+    )
+
+
+def _expand_one(spec: str) -> list[str]:
+    """One string → shard URLs (brace patterns first, then directories, globs, single files)."""
+    if _is_remote(spec):
+        return list(expand_urls(spec))
+    urls: list[str] = []
+    missing: list[str] = []
+    for item in expand_urls(os.path.expanduser(spec)):
+        path = _local_path(item) or item
+        if os.path.isdir(path):
+            found = _tars_in(path)
+            if not found:
+                raise ValueError(
+                    f"shard directory {path!r} holds no {'/'.join(SHARD_SUFFIXES)} files; "
+                    "point at the folder the shards were written to"
+                )
+            urls.extend(found)
+        elif _GLOB_CHARS & set(path):
+            urls.extend(sorted(p for p in glob.glob(path) if os.path.isfile(p)))
+        elif os.path.isfile(path):
+            urls.append(item)
+        else:
+            missing.append(item)
+    if missing:
+        total = len(missing) + len(urls)
+        if not urls:
+            raise ValueError(
+                f"no shards match {spec!r}: {missing[0]!r} does not exist; expected a .tar file, a directory "
+                "of .tar files, a glob ('dir/*.tar') or a brace pattern ('dir/shard-{000000..000009}.tar')"
+            )
+        raise ValueError(
+            f"{len(missing)} of the {total} shards named by {spec!r} do not exist (e.g. {missing[0]!r}); "
+            "fix the pattern or its brace range"
+        )
+    if not urls:
+        raise ValueError(
+            f"no shards match {spec!r}; expected a .tar file, a directory of .tar files, a glob "
+            "('dir/*.tar') or a brace pattern ('dir/shard-{000000..000009}.tar')"
+        )
+    return urls
+
+
+def expand_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Shard URLs named by `shards`, in order.
+
+    `shards` is a string or path — a brace pattern (``"dir/shard-{000000..000009}.tar"``, expanded by
+    webdataset/braceexpand, ``::`` separating several), a directory (its ``.tar``/``.tar.gz``/``.tgz``
+    files, sorted), a glob (sorted matches) or one file — or a list/tuple of those (concatenated).
+    Remote URLs (``pipe:``, ``http(s)://``, ``s3://``, ...) pass through unchecked. Raises
+    `ValueError` naming the pattern when nothing matches or a named local shard does not exist.
+    """
+    if isinstance(shards, (str, os.PathLike)):
+        specs = [os.fspath(shards)]
+    elif isinstance(shards, Sequence) and not isinstance(shards, (bytes, bytearray)):
+        specs = []
+        for i, s in enumerate(shards):
+            if not isinstance(s, (str, os.PathLike)):
+                raise ValueError(f"shards[{i}] must be a path or URL string, got {type(s).__name__} {s!r:.80}")
+            specs.append(os.fspath(s))
+        if not specs:
+            raise ValueError("the shard list is empty; pass at least one .tar file, directory, glob or pattern")
+    else:
+        raise ValueError(
+            f"shards must be a path, a pattern or a list of them, got {type(shards).__name__} {shards!r:.80}"
+        )
+    urls: list[str] = []
+    for spec in specs:
+        if not spec.strip():
+            raise ValueError("a shard path is empty; pass a .tar file, a directory, a glob or a brace pattern")
+        urls.extend(_expand_one(spec))
+    return urls
+
+
+# --------------------------------------------------------------------------------------------------
+# ranks, workers, seeds
+
+
+def node_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """`(rank, world_size)`: the arguments when given, else torch.distributed's when it is
+    initialised, else the ``RANK`` / ``WORLD_SIZE`` environment variables (set by torchrun), else
+    ``(0, 1)``. Raises `ValueError` for an inconsistent pair."""
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            d_rank, d_world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            try:
+                d_rank = int(os.environ.get("RANK", "0"))
+                d_world = int(os.environ.get("WORLD_SIZE", "1"))
+            except ValueError:
+                raise ValueError(
+                    f"environment RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
+                    "are not integers; fix them or pass rank= and world_size= explicitly"
+                ) from None
+        rank = d_rank if rank is None else rank
+        world_size = d_world if world_size is None else world_size
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def worker_info() -> tuple[int, int]:
+    """`(worker_id, num_workers)` of the calling DataLoader worker, `(0, 1)` in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (int(info.id), int(info.num_workers))
+
+
+def split_by_node(src: Iterable[Any], rank: int, world_size: int) -> Iterator[Any]:
+    """Every `world_size`-th item of `src`, starting at `rank` (the shards of one node)."""
+    rank, world_size = node_info(rank, world_size)
+    return islice(src, rank, None, world_size)
+
+
+def split_by_worker(src: Iterable[Any], worker_id: int | None = None, num_workers: int | None = None) -> Iterator[Any]:
+    """Every `num_workers`-th item of `src`, starting at `worker_id` (defaults: the calling worker's)."""
+    if worker_id is None or num_workers is None:
+        w_id, w_num = worker_info()
+        worker_id = w_id if worker_id is None else worker_id
+        num_workers = w_num if num_workers is None else num_workers
+    if num_workers < 1 or not 0 <= worker_id < num_workers:
+        raise ValueError(f"need 0 <= worker_id < num_workers, got worker_id={worker_id}, num_workers={num_workers}")
+    return islice(src, worker_id, None, num_workers)
+
+
+def samples_per_worker(total: int, worker_id: int, num_workers: int) -> int:
+    """Worker `worker_id`'s share of `total` samples: ``total // n``, plus one for the first ``total % n``."""
+    return total // num_workers + (1 if worker_id < total % num_workers else 0)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 62-bit seed from integers, identical in every process (BLAKE2b of their decimal text)."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+class _WorkerSeed:
+    """`worker_seed` callable for `ResampledShards` (a class, so that it pickles for spawned workers)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __call__(self) -> int:
+        return self.value
+
+
+# --------------------------------------------------------------------------------------------------
+# damaged archives
+
+
+def check_tar_end(url: str) -> str | None:
+    """For a local uncompressed ``.tar``: a message if the archive's headers end before its data does.
+
+    Python's ``tarfile`` (and so webdataset) stops at the first unreadable header after the first one
+    without raising, which would drop the rest of a shard silently. This walks the headers (seeking over
+    member data) and returns a message when non-zero bytes follow the point where reading stops; None
+    for an intact archive, for remote or compressed shards, and for archives whose reading raises (the
+    streaming reader then raises too, and that error is counted instead). Results are cached per
+    (path, size, modification time, inode), so resampling a shard does not walk it again.
+    """
+    path = _local_path(url)
+    if path is None or not path.endswith(".tar"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _check_tar_end(path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@lru_cache(maxsize=4096)
+def _check_tar_end(path: str, size: int, mtime_ns: int, inode: int) -> str | None:
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for _ in tf:
+                pass
+            end = tf.offset
+        if end >= size:
+            return None
+        with open(path, "rb") as f:
+            f.seek(end)
+            tail = f.read(min(size - end, 1 << 20))
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return None
+    if tail.strip(b"\0"):
+        return (
+            f"corrupt tar header at byte {end} of {size}: reading stops there and the members after it are lost "
+            "(re-write or re-download the shard)"
+        )
+    return None
+
+
+class TarErrorHandler:
+    """webdataset exception handler for reading tars: count the damaged shard, keep going (returns True).
+
+    The error is counted once per shard pass (reason ``"tar"``, source ``"SHARD:<archive>"``) in
+    `recorder`, and logged (rate-limited) like every skip.
+    """
+
+    def __init__(self, recorder: StatsRecorder) -> None:
+        self.recorder = recorder
+
+    def __call__(self, exn: BaseException) -> bool:
+        args = getattr(exn, "args", ()) or ()
+        shard = next((a for a in reversed(args) if isinstance(a, str) and a == self.recorder.current_shard), None)
+        first = str(args[0]) if args else ""
+        self.recorder.shard_error(f"{type(exn).__name__}: {first}".strip(": "), shard)
+        return True
+
+
+class _CountRaw:
+    """Pipeline stage noting each sample that leaves the tar reader (progress for stall detection)."""
+
+    def __init__(self, recorder: StatsRecorder) -> None:
+        self.recorder = recorder
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            self.recorder.raw_samples += 1
+            yield sample
+
+
+# --------------------------------------------------------------------------------------------------
+# the source
+
+
+class ShardSource(torch.utils.data.IterableDataset):
+    """Yields ``{"url": shard}`` for the calling rank and worker (see the module docstring for modes).
+
+    Args:
+        shards: anything :func:`expand_shards` takes.
+        resampled: draw shards with replacement, endlessly (else: explicit epochs).
+        seed: base seed of shard shuffling / resampling.
+        epoch: epoch number mixed into the seed (use :meth:`set_epoch`).
+        shuffle: shuffle the shard list each epoch (explicit mode; resampling is random anyway).
+        rank, world_size: this node's place (defaults: :func:`node_info`).
+        recorder: where opened shards and damaged archives are counted (a fresh one if None).
+        check_tars: run :func:`check_tar_end` on local ``.tar`` shards before reading them.
+        stall_limit: resampled mode only — after this many shards in a row that yield no sample at all
+            (neither used nor skipped), raise instead of drawing forever (default
+            ``max(100, 10 · number of shards)``).
+
+    Each ``iter()`` is one *repetition*; `with_epoch` repeats an exhausted source within an epoch, and
+    each repetition gets its own shuffle. `set_epoch` resets the repetition count, so iteration is
+    reproducible from (seed, epoch) alone.
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        resampled: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        recorder: StatsRecorder | None = None,
+        check_tars: bool = True,
+        stall_limit: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.urls = expand_shards(shards)
+        self.rank, self.world_size = node_info(rank, world_size)
+        self.resampled = bool(resampled)
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        self.shuffle = bool(shuffle)
+        self.recorder = recorder if recorder is not None else StatsRecorder()
+        self.check_tars = check_tars
+        self.stall_limit = stall_limit if stall_limit is not None else max(100, 10 * len(self.urls))
+        self._repetition = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._repetition = 0
+
+    def epoch_order(self, repetition: int = 0) -> list[str]:
+        """Explicit mode: the whole shard list in this epoch's (and repetition's) order, the same on
+        every rank and worker (webdataset's ``SimpleShardList`` shuffled with the mixed seed)."""
+        seed = mix_seed(self.seed, self.epoch, repetition) if self.shuffle else None
+        return [d["url"] for d in wds.SimpleShardList(list(self.urls), seed=seed)]
+
+    def shards_for(self, worker_id: int, num_workers: int, repetition: int = 0) -> list[str]:
+        """Explicit mode: the shards (rank, `worker_id`) reads in this epoch's `repetition`."""
+        node = split_by_node(self.epoch_order(repetition), self.rank, self.world_size)
+        return list(split_by_worker(node, worker_id, num_workers))
+
+    def _resampled(self, worker_id: int, repetition: int) -> Iterator[str]:
+        worker_seed = _WorkerSeed(mix_seed(self.rank, worker_id, self.epoch, repetition))
+        shards = wds.ResampledShards(list(self.urls), seed=mix_seed(self.seed), worker_seed=worker_seed, deterministic=True)
+        return (d["url"] for d in shards)
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        worker_id, num_workers = worker_info()
+        repetition, self._repetition = self._repetition, self._repetition + 1
+        if self.resampled:
+            urls: Iterable[str] = self._resampled(worker_id, repetition)
+        else:
+            urls = self.shards_for(worker_id, num_workers, repetition)
+        recorder = self.recorder
+        stalled, last = 0, None
+        for url in urls:
+            if self.resampled:
+                progress = recorder.progress
+                stalled = stalled + 1 if progress == last else 0
+                last = progress
+                if stalled >= self.stall_limit:
+                    raise ValueError(
+                        f"opened {stalled} shards in a row without finding a single sample (e.g. {url!r}); "
+                        "are these webdataset shards (tar members named KEY.EXT)? Check the shard list"
+                    )
+            recorder.shard_opened(url)
+            if self.check_tars:
+                problem = check_tar_end(url)
+                if problem is not None:
+                    recorder.shard_error(problem, url)
+            yield {"url": url}
+
+    def __repr__(self) -> str:
+        mode = "resampled" if self.resampled else "epochs"
+        return (
+            f"ShardSource({len(self.urls)} shards, {mode}, seed={self.seed}, epoch={self.epoch}, "
+            f"rank={self.rank}/{self.world_size})"
+        )
+
+
+def tar_samples(source: ShardSource) -> list[Any]:
+    """Pipeline stages turning `source`'s shards into webdataset samples
+    (``{"__key__", "__url__", ext: bytes, ...}``), damaged archives counted in ``source.recorder``."""
+    return [source, wds.tarfile_to_samples(handler=TarErrorHandler(source.recorder)), _CountRaw(source.recorder)]
