@@ -1,6 +1,6 @@
 """Subcommands of `mm-llama`; each entry adds its parser (which sets `run`) to the subparsers."""
 
-from mm_llama.commands import bench, generate, image_commands, shards, synth
+from mm_llama.commands import bench, evaluate, generate, image_commands, shards, synth
 
 PARSERS = [
     generate.add_parser,
@@ -8,5 +8,6 @@ PARSERS = [
     image_commands.add_vqa_parser,
     shards.add_parser,
     synth.add_parser,
+    evaluate.add_parser,
     bench.add_parser,
 ]

@@ -1,0 +1,345 @@
+"""Sequential reading of evaluation shards: fixed order, every sample once, damaged samples skipped.
+
+Evaluation must see the same samples in the same order on every run, so this reader has none of the
+training pipeline's machinery (no shard shuffle, no resampling, no node/worker split, no sample
+shuffle buffer). It reads local ``.tar`` / ``.tar.gz`` shards with Python's :mod:`tarfile` in the
+order given and groups consecutive members that share a key, exactly as webdataset does: the key of
+``dir/KEY.ext`` is ``dir/KEY`` (split at the first dot of the base name) and the extension is
+lower-cased.
+
+Each sample is yielded as a dict::
+
+    {"key": "test-00000000-q0",             # sample key inside the shard
+     "shard": "/data/image-qa/test-000000.tar",
+     "image": <PIL.Image.Image, RGB>,        # decoded with mm_llama.data.decoders.decode_image
+     "image_name": "/data/image-qa/test-000000.tar:test-00000000-q0.png",
+     "json": {...},                          # KEY.json as a dict ({} when the sample has none)
+     "txt": "a red circle ..." | None}       # KEY.txt as text (None when the sample has none)
+
+Nothing is ever raised for bad data. A sample without an image member, with an image that does not
+decode, with a ``KEY.json`` that is not a JSON object or a ``KEY.txt`` that is not UTF-8 is skipped:
+a :class:`CorruptSampleWarning` naming the shard and key is issued and a :class:`SkippedSample` is
+appended to :attr:`EvalShardReader.skipped`. A shard that cannot be opened, is truncated, or whose
+tar headers stop before the end of its data (Python's tarfile silently ends an archive at a corrupt
+header that is not the first one; the reader checks the bytes after the last header it read) is
+recorded with ``key=None``; the samples read from it before the damage are kept.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from PIL import Image
+from webdataset.shardlists import expand_urls
+
+from mm_llama.data.decoders import DecodeError, decode_image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "CorruptSampleWarning",
+    "EvalShardReader",
+    "SkippedSample",
+    "expand_eval_shards",
+    "split_member_name",
+]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+"""Image members looked for in a sample, in this order (the first one present is used)."""
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+"""Files taken from a directory given as the shard list."""
+
+_GLOB_CHARS = frozenset("*?[")
+_CHUNK = 1 << 16
+
+
+class CorruptSampleWarning(UserWarning):
+    """A sample or shard could not be read and was skipped (the message names shard and key)."""
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """One thing the reader (or the eval loop) skipped.
+
+    shard: the shard path. key: the sample key, or None when the shard itself is damaged (then an
+    unknown number of samples after the damage is lost). reason: what was wrong.
+    """
+
+    shard: str
+    key: str | None
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        where = f"{self.shard}:{self.key}" if self.key is not None else self.shard
+        return f"{where}: {self.reason}"
+
+
+# --------------------------------------------------------------------------------------------------
+# shard lists
+
+
+def _expand_one(spec: str) -> list[str]:
+    if "://" in spec or spec.startswith("pipe:"):
+        raise ValueError(
+            f"evaluation reads local shards only, got {spec!r}; download the shards and pass their paths"
+        )
+    urls: list[str] = []
+    for item in expand_urls(os.path.expanduser(spec)):
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(item, name) for name in os.listdir(item)
+                if name.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(item, name))
+            )
+            if not found:
+                raise ValueError(f"shard directory {item!r} holds no {'/'.join(SHARD_SUFFIXES)} files")
+            urls.extend(found)
+        elif _GLOB_CHARS & set(item):
+            found = sorted(p for p in glob.glob(item) if os.path.isfile(p))
+            if not found:
+                raise ValueError(f"no shards match the glob {item!r}")
+            urls.extend(found)
+        elif os.path.isfile(item):
+            urls.append(item)
+        else:
+            raise ValueError(
+                f"shard {item!r} does not exist; expected a .tar file, a directory of .tar files, a glob "
+                "('dir/*.tar') or a brace pattern ('dir/test-{000000..000009}.tar')"
+            )
+    return urls
+
+
+def expand_eval_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The local shard paths named by ``shards``, in the order given.
+
+    ``shards`` is one string/path or a list of them; each may be a ``.tar`` file, a directory (its
+    ``.tar``/``.tar.gz``/``.tgz`` files, sorted by name), a glob (sorted matches) or a brace pattern
+    (``"dir/test-{000000..000003}.tar"``, expanded by webdataset; ``::`` separates several). Raises
+    ValueError naming the pattern when nothing exists there, and for remote URLs (evaluation reads
+    local files only).
+    """
+    if isinstance(shards, (str, os.PathLike)):
+        specs = [os.fspath(shards)]
+    elif isinstance(shards, Sequence) and not isinstance(shards, (bytes, bytearray)):
+        specs = []
+        for i, spec in enumerate(shards):
+            if not isinstance(spec, (str, os.PathLike)):
+                raise ValueError(f"shards[{i}] must be a path string, got {type(spec).__name__} {spec!r:.80}")
+            specs.append(os.fspath(spec))
+    else:
+        raise ValueError(f"shards must be a path or a list of paths, got {type(shards).__name__} {shards!r:.80}")
+    if not specs:
+        raise ValueError("the shard list is empty; pass at least one .tar file, directory, glob or pattern")
+    urls: list[str] = []
+    for spec in specs:
+        if not spec.strip():
+            raise ValueError("a shard path is empty; pass a .tar file, a directory, a glob or a brace pattern")
+        urls.extend(_expand_one(spec))
+    return urls
+
+
+# --------------------------------------------------------------------------------------------------
+# tar members → samples
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``"dir/KEY.ext.more"`` → ``("dir/KEY", "ext.more")`` (extension lower-cased), as webdataset
+    splits member names; None for names whose base name has no dot or starts with one (ignored)."""
+    directory, _, base = name.rpartition("/")
+    if base.startswith(".") or "." not in base:
+        return None
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+class _ShardDamaged(Exception):
+    """Reading a shard stopped early; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _unread_data_after(tar: tarfile.TarFile) -> int | None:
+    """Offset of the first nonzero byte after the last member tarfile read, None when the rest is the
+    zero padding of a well-formed end of archive."""
+    fileobj = tar.fileobj
+    if fileobj is None:
+        return None
+    try:
+        fileobj.seek(tar.offset)
+        position = tar.offset
+        while chunk := fileobj.read(_CHUNK):
+            stripped = chunk.lstrip(b"\0")
+            if stripped:
+                return position + len(chunk) - len(stripped)
+            position += len(chunk)
+    except (OSError, EOFError, tarfile.TarError):
+        return None  # cannot check (e.g. a damaged gzip stream); the read errors were reported already
+    return None
+
+
+def _members(path: str) -> Iterator[tuple[str, str, bytes]]:
+    """``(key, ext, data)`` of each file member of a shard; raises `_ShardDamaged` where reading stops."""
+    try:
+        tar = tarfile.open(path, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise _ShardDamaged(f"cannot open the shard as a tar archive ({type(e).__name__}: {e})") from None
+    with tar:
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise _ShardDamaged(f"damaged tar header ({type(e).__name__}: {e})") from None
+            if info is None:
+                break
+            if not info.isfile():
+                continue
+            parts = split_member_name(info.name)
+            if parts is None:
+                continue
+            try:
+                handle = tar.extractfile(info)
+                data = handle.read() if handle is not None else b""
+                if len(data) != info.size:
+                    raise EOFError(f"member {info.name!r} has {len(data)} of its {info.size} bytes")
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise _ShardDamaged(
+                    f"the shard is truncated or corrupt at member {info.name!r} ({type(e).__name__}: {e})"
+                ) from None
+            yield parts[0], parts[1], data
+        offset = _unread_data_after(tar)
+        if offset is not None:
+            raise _ShardDamaged(
+                f"the tar archive ends early at byte {tar.offset} (a truncated or corrupt header) but the file "
+                f"holds data from byte {offset} on"
+            )
+
+
+class EvalShardReader:
+    """Iterate the samples of evaluation shards in a fixed order (see the module docstring).
+
+    Args:
+        shards: what :func:`expand_eval_shards` accepts.
+        warn: issue a :class:`CorruptSampleWarning` for each skipped sample / damaged shard.
+
+    Attributes:
+        urls: the shard paths, in reading order.
+        skipped: every :class:`SkippedSample` so far (cleared at the start of each iteration).
+        samples_read: samples yielded in the current iteration.
+        samples_skipped: entries of ``skipped`` that are samples (not damaged shards).
+    """
+
+    def __init__(self, shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, warn: bool = True) -> None:
+        self.urls = expand_eval_shards(shards)
+        self.warn = warn
+        self.skipped: list[SkippedSample] = []
+        self.samples_read = 0
+        self.samples_skipped = 0
+
+    def __repr__(self) -> str:
+        return f"EvalShardReader({len(self.urls)} shards)"
+
+    def skip(self, shard: str, key: str | None, reason: str) -> None:
+        """Record (and warn about) a skipped sample; also used by the eval loop for task-level problems."""
+        item = SkippedSample(shard, key, reason)
+        self.skipped.append(item)
+        self.samples_skipped += key is not None
+        if self.warn:
+            what = f"sample {key!r} of shard {shard}" if key is not None else f"shard {shard}"
+            warnings.warn(f"skipped {what}: {reason}", CorruptSampleWarning, stacklevel=3)
+
+    def count_samples(self) -> int | None:
+        """Number of sample keys in the shards from their tar headers (member data is not decoded);
+        None when a shard cannot be read (the iteration reports why). For progress bars."""
+        total = 0
+        for url in self.urls:
+            try:
+                with tarfile.open(url, mode="r:*") as tar:
+                    last = None
+                    for info in tar:
+                        parts = split_member_name(info.name) if info.isfile() else None
+                        if parts is not None and parts[0] != last:
+                            total += 1
+                            last = parts[0]
+            except (tarfile.TarError, OSError, EOFError):
+                return None
+        return total
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.skipped = []
+        self.samples_read = 0
+        self.samples_skipped = 0
+        for url in self.urls:
+            yield from self._shard(url)
+
+    def _shard(self, url: str) -> Iterator[dict[str, Any]]:
+        key: str | None = None
+        group: dict[str, bytes] = {}
+        repeated: list[str] = []
+        try:
+            for member_key, ext, data in _members(url):
+                if member_key != key:
+                    if key is not None:
+                        sample = self._sample(url, key, group, repeated)
+                        if sample is not None:
+                            yield sample
+                    key, group, repeated = member_key, {}, []
+                if ext in group:
+                    repeated.append(ext)
+                group[ext] = data
+        except _ShardDamaged as e:
+            self.skip(url, None, f"{e.reason}; the samples after this point are lost")
+            if key is not None:  # the members of the current sample read before the damage are complete
+                sample = self._sample(url, key, group, repeated)
+                if sample is not None:
+                    yield sample
+            return
+        if key is not None:
+            sample = self._sample(url, key, group, repeated)
+            if sample is not None:
+                yield sample
+
+    def _sample(self, url: str, key: str, group: dict[str, bytes], repeated: list[str]) -> dict[str, Any] | None:
+        if repeated:
+            self.skip(url, key, f"member(s) {', '.join(f'{key}.{e}' for e in repeated)} occur more than once")
+            return None
+        ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
+        if ext is None:
+            self.skip(url, key, f"no image member (expected KEY.{{{','.join(IMAGE_EXTENSIONS)}}}); "
+                                f"the sample has {sorted(group)}")
+            return None
+        meta: Any = {}
+        if "json" in group:
+            try:
+                meta = json.loads(group["json"].decode("utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                self.skip(url, key, f"KEY.json is not valid UTF-8 JSON ({type(e).__name__}: {e})")
+                return None
+            if not isinstance(meta, dict):
+                self.skip(url, key, f"KEY.json must hold a JSON object, got {type(meta).__name__}")
+                return None
+        text: str | None = None
+        if "txt" in group:
+            try:
+                text = group["txt"].decode("utf-8")
+            except UnicodeDecodeError as e:
+                self.skip(url, key, f"KEY.txt is not UTF-8 text ({e})")
+                return None
+        name = f"{url}:{key}.{ext}"
+        try:
+            image: Image.Image = decode_image(group[ext], name)
+        except DecodeError as e:
+            self.skip(url, key, e.reason)
+            return None
+        self.samples_read += 1
+        return {"key": key, "shard": url, "image": image, "image_name": name, "json": meta, "txt": text}
