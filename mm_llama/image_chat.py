@@ -91,15 +91,13 @@ def answer_images(
 
 def load_image_model(path: str | Path, *, dtype, device) -> tuple[MultimodalLlama, Tokenizer]:
     """The model and its tokenizer (from the model directory, or the base LM an adapter run names)."""
-    from mm_llama.checkpoints.multimodal_loading import RUN_CONFIG, load_multimodal
+    from mm_llama.checkpoints.multimodal_loading import RUN_CONFIG, adapter_run_base_lm, load_multimodal
 
     directory = Path(path)
     model = load_multimodal(directory, dtype=dtype, device=device)
     candidates: Iterable[Path] = [directory]
     if (directory / RUN_CONFIG).is_file():
-        import yaml
-
-        candidates = [directory, Path(yaml.safe_load((directory / RUN_CONFIG).read_text())["base_lm"])]
+        candidates = [directory, adapter_run_base_lm(directory)]
     for candidate in candidates:
         if (candidate / "tokenizer.model").is_file() or (candidate / "tokenizer.json").is_file():
             return model, Tokenizer.from_dir(candidate)

@@ -46,7 +46,9 @@ class ModelConfig:
     pretrained encoder's weights. `init_from`: a run or export whose adapter weights start this stage
     (e.g. annealing continues pretraining). `fusion_layers`: decoder layers that get cross-attention
     (empty = every 4th). `train_*`: the stage's trainable groups (everything else is frozen); a
-    `llama` model has the one group `decoder`, which always trains.
+    `llama` model has the one group `decoder`, which always trains. `contrastive`: settings of
+    contrastive image-encoder pretraining (`data.task: contrastive`; see `train.contrastive`):
+    `embed_dim`, `pool` (cls | mean), `init_temperature`, `max_logit_scale`.
     """
 
     kind: Literal["multimodal", "llama"] = "multimodal"
@@ -60,6 +62,7 @@ class ModelConfig:
     train_encoder: bool = True
     train_fusion: bool = True
     train_decoder: bool = False
+    contrastive: dict[str, Any] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
         out = []

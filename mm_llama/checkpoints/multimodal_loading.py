@@ -137,6 +137,66 @@ def save_adapter(model: MultimodalLlama, out_dir: str | Path, *, base_lm: str | 
     return out
 
 
+def read_adapter_run_config(directory: str | Path) -> dict[str, Any]:
+    """`{base_lm, encoder, vision, fusion_layers, n_fusion_tokens}` of a run / export directory.
+
+    `config.yaml` is either `save_adapter`'s own schema (those keys at the top level) or the training
+    recipe `mm-llama train` writes (a `model:` section holding `base_lm`, `encoder`, `vision` and the
+    resolved `fusion_layers`). `base_lm` is returned as written, `vision` without `weights` (the adapter
+    file holds the encoder's weights).
+    """
+    directory = Path(directory)
+    path = directory / RUN_CONFIG
+    run_cfg = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(run_cfg, dict):
+        raise CheckpointError(f"{path} is not a mapping; expected save_adapter's config or a training recipe")
+    if isinstance(run_cfg.get("model"), dict):  # a training recipe (mm-llama train)
+        model = run_cfg["model"]
+        task = (run_cfg.get("data") or {}).get("task")
+        if model.get("kind") == "llama":
+            raise CheckpointError(f"{directory} is an LM pretraining run; its model is {directory / 'model'} "
+                                  "(load it with load_llama or `mm-llama generate --checkpoint`)")
+        if task == "contrastive":
+            raise CheckpointError(f"{directory} is an image-encoder pretraining run; its product is "
+                                  f"{directory / 'encoder.safetensors'} (use it as model.encoder_checkpoint of an "
+                                  "image stage)")
+        missing = [k for k in ("base_lm", "encoder", "vision") if not model.get(k) and model.get(k) != {}]
+        if not model.get("fusion_layers"):
+            missing.append("fusion_layers")
+        if missing:
+            raise CheckpointError(f"{path} (a training recipe) lacks model.{', model.'.join(missing)}; it was not "
+                                  "written by `mm-llama train`")
+        fields = {"base_lm": model["base_lm"], "encoder": model["encoder"], "vision": dict(model["vision"] or {}),
+                  "fusion_layers": list(model["fusion_layers"]), "n_fusion_tokens": model.get("n_fusion_tokens", 8)}
+    else:
+        missing = [k for k in ("base_lm", "encoder", "vision", "fusion_layers") if k not in run_cfg]
+        if missing:
+            raise CheckpointError(f"{path} lacks {missing}; it was not written by save_adapter or mm-llama train")
+        fields = {k: run_cfg[k] for k in ("base_lm", "encoder", "vision", "fusion_layers")}
+        fields["vision"] = dict(fields["vision"] or {})
+        fields["n_fusion_tokens"] = run_cfg.get("n_fusion_tokens", 8)
+    fields["vision"].pop("weights", None)
+    return fields
+
+
+def adapter_run_base_lm(directory: str | Path) -> Path:
+    """The base LM directory a run / export names (relative paths: from the working directory, else from
+    the run directory; an `lm_pretrain` run directory means its `model/` folder)."""
+    directory = Path(directory)
+    base = Path(read_adapter_run_config(directory)["base_lm"])
+    candidates = [base] if base.is_absolute() else [base, directory / base]
+    for candidate in candidates:
+        if candidate.is_dir():
+            if not (candidate / "config.json").is_file() and not (candidate / "params.json").is_file() \
+                    and (candidate / "model" / "config.json").is_file():
+                return candidate / "model"
+            return candidate
+    raise CheckpointError(
+        f"{directory / RUN_CONFIG} names base LM {base}, which does not exist; point base_lm at the Llama "
+        "checkpoint the adapter was trained on"
+    )
+
+
 def load_adapter_run(
     directory: Path,
     *,
@@ -144,19 +204,13 @@ def load_adapter_run(
     device: str | torch.device = "cpu",
     max_seq_len: int | None = None,
 ) -> MultimodalLlama:
-    """Base LM from the path `config.yaml` names, plus the adapter weights beside it."""
-    run_cfg = yaml.safe_load((directory / RUN_CONFIG).read_text()) or {}
-    missing = [k for k in ("base_lm", "encoder", "vision", "fusion_layers") if k not in run_cfg]
-    if missing:
-        raise CheckpointError(f"{directory / RUN_CONFIG} lacks {missing}; it was not written by save_adapter")
+    """Base LM from the path `config.yaml` names, plus the adapter weights beside it (`config.yaml` in
+    `save_adapter`'s schema or the recipe `mm-llama train` writes; see `read_adapter_run_config`)."""
+    directory = Path(directory)
+    run_cfg = read_adapter_run_config(directory)
     if not (directory / ADAPTER_FILE).is_file():
         raise CheckpointError(f"{directory} has {RUN_CONFIG} but no {ADAPTER_FILE}; the run saved no adapter yet")
-    base = Path(run_cfg["base_lm"])
-    if not base.is_dir():
-        raise CheckpointError(
-            f"{directory / RUN_CONFIG} names base LM {base}, which does not exist; point base_lm at the Llama "
-            "checkpoint the adapter was trained on"
-        )
+    base = adapter_run_base_lm(directory)
     text_cfg = llama_config_from_dir(base, max_seq_len)
     cfg = MultimodalConfig(
         text=text_cfg, vision=vision_config_from_dict(run_cfg["encoder"], run_cfg["vision"]),

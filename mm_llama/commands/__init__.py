@@ -1,12 +1,13 @@
 """Subcommands of `mm-llama`; each entry adds its parser (which sets `run`) to the subparsers."""
 
-from mm_llama.commands import bench, evaluate, generate, image_commands, shards, synth
+from mm_llama.commands import bench, evaluate, generate, image_commands, shards, synth, train
 
 PARSERS = [
     generate.add_parser,
     image_commands.add_caption_parser,
     image_commands.add_vqa_parser,
     shards.add_parser,
+    train.add_parser,
     synth.add_parser,
     evaluate.add_parser,
     bench.add_parser,

@@ -1,0 +1,82 @@
+"""Contrastive image-encoder pretraining against the frozen LM: loss goes down, the LM stays frozen, and
+the exported backbone loads as `TimmEncoderConfig(weights=…)` / `model.encoder_checkpoint`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_llama.checkpoints.loading import load_llama
+from mm_llama.data.collate import TextBatch
+from mm_llama.encoders.timm_vit import TimmEncoderConfig, TimmTiledEncoder
+from mm_llama.train.contrastive import ContrastiveSettings, caption_tokens
+from mm_llama.train.recipe import RecipeError, load_recipe
+from mm_llama.train.trainer import run_training
+from tests.train.test_trainer_setup import VISION, Assets, assets, mm_overrides  # noqa: F401
+
+
+def _overrides(a: Assets, steps: int, **more: object) -> list[str]:
+    values: dict[str, object] = {"model__vision": {k: v for k, v in VISION.items() if k != "n_gated_layers"},
+                                 "data__task": "contrastive", "data__batch_size": 8, "optim__lr": 3e-3, **more}
+    return [o for o in mm_overrides(a, steps=steps, **values)
+            if not o.startswith("model.fusion_layers")] + ["model.contrastive={pool: cls, embed_dim: 16}"]
+
+
+@pytest.fixture(scope="module")
+def run(assets: Assets, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+    cfg = load_recipe("tiny_image_encoder_pretrain", _overrides(assets, steps=16, checkpoint__every=16))
+    return run_training(cfg, tmp_path_factory.mktemp("contrastive")), cfg
+
+
+def test_caption_tokens_are_bos_plus_the_labelled_caption_without_eot() -> None:
+    ids = torch.tensor([[1, 7, 8, 20, 21, 22, 9, 0], [1, 7, 8, 30, 9, 0, 0, 0]])
+    labels = torch.tensor([[-100, -100, -100, 20, 21, 22, 9, -100], [-100, -100, -100, 30, 9, -100, -100, -100]])
+    captions, mask = caption_tokens(TextBatch(ids, labels, ids != 0), pad_id=0)
+    assert captions.tolist() == [[1, 20, 21, 22], [1, 30, 0, 0]]
+    assert mask.tolist() == [[True] * 4, [True, True, False, False]]
+
+
+def test_contrastive_loss_decreases_and_the_lm_stays_frozen(run, assets: Assets) -> None:  # noqa: F811
+    result, _ = run
+    history = result.history
+    assert sum(history[-4:]) / 4 < sum(history[:4]) / 4 - 0.1, history
+    base = load_llama(assets.base_lm).state_dict()
+    assert all(torch.equal(v, base[k]) for k, v in result.model.lm.state_dict().items())
+    groups = result.model.parameter_groups()
+    assert {n for n, p in result.model.named_parameters() if p.requires_grad} == set(groups["encoder"]) | set(groups["fusion"])
+    assert "logit_scale" in groups["fusion"]
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"accuracy", "temperature"} <= set(records[-1])
+
+
+def test_exported_backbone_loads_as_timm_encoder_weights(run) -> None:
+    result, _ = run
+    weights = result.run_dir / "encoder.safetensors"
+    assert result.export == weights and weights.is_file()
+    encoder = TimmTiledEncoder(TimmEncoderConfig(**{**VISION, "weights": str(weights)}))
+    trained = result.model.encoder.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in encoder.backbone.state_dict().items())
+
+
+def test_image_stage_starts_from_the_contrastive_run(run, assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+    result, _ = run
+    cfg = load_recipe("tiny_vision_pretrain", mm_overrides(assets, steps=1, model__encoder_checkpoint=str(result.run_dir),
+                                                           optim__lr=1e-12))
+    stage = run_training(cfg, tmp_path)
+    trained = result.model.encoder.state_dict()
+    loaded = stage.model.encoder.backbone.state_dict()
+    assert all(torch.allclose(loaded[k], v, atol=1e-8) for k, v in trained.items())
+
+
+def test_settings_are_validated(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+    with pytest.raises(RecipeError, match="model.contrastive.temperature"):
+        ContrastiveSettings.from_dict({"temperature": 0.1})
+    with pytest.raises(RecipeError, match="pool"):
+        ContrastiveSettings(pool="max")
+    cfg = load_recipe("tiny_image_encoder_pretrain", _overrides(assets, steps=1, model__encoder="mllama",
+                                                                model__vision={}))
+    with pytest.raises(RecipeError, match="model.encoder=timm"):
+        run_training(cfg, tmp_path)

@@ -1,0 +1,348 @@
+"""Build what a recipe describes: the model (with its trainable set declared), its tokenizer.
+
+* `model.kind: llama` — a `LlamaDecoder` for pretraining tiny LMs: from `model.init_from` (an earlier
+  `lm_pretrain` run or any Llama checkpoint directory) or `model.base_lm` (a checkpoint to start
+  from), else a new one shaped by `model.text` (a preset name or `LlamaConfig` fields; the vocabulary
+  always comes from the tokenizer). Everything trains.
+* `model.kind: multimodal` — the frozen base LM (`load_llama(model.base_lm)`) inside a
+  `MultimodalLlama` with the recipe's image encoder (`model.encoder` + `model.vision`) and
+  cross-attention before `model.fusion_layers`; the encoder's pretrained weights come from
+  `model.encoder_checkpoint`, and `model.init_from` (an earlier adapter run: annealing and SFT start
+  from pretraining) supplies the adapter weights. The stage is declared once with
+  `set_trainable(encoder=…, fusion=…, decoder=…)`.
+* `data.task: contrastive` — image-encoder pretraining (`mm_llama.train.contrastive`): a timm ViT
+  against the frozen LM's caption features.
+
+The tokenizer comes from `data.tokenizer`, else from the base LM (or `init_from`) directory.
+`resolve_recipe` fills in what a run directory must record so that loading it needs no guessing
+(the fusion layer indices, an absolute base LM path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from mm_llama.checkpoints.loading import llama_config_from_dir, load_llama
+from mm_llama.checkpoints.multimodal_loading import ADAPTER_FILE, adapter_state_dict, vision_config_from_dict
+from mm_llama.config import LlamaConfig, RopeScaling, preset
+from mm_llama.fusion import fusion_schedule
+from mm_llama.model import LlamaDecoder
+from mm_llama.multimodal import MultimodalConfig, MultimodalLlama
+from mm_llama.tokenizer import Tokenizer
+from mm_llama.train.recipe import RecipeConfig, RecipeError
+
+LM_TASKS = ("lm",)
+CONTRASTIVE_TASKS = ("contrastive",)
+IMAGE_TASKS = ("caption", "vqa")
+MODEL_DIR = "model"  # where an lm_pretrain run exports its HF checkpoint
+ENCODER_FILE = "encoder.safetensors"  # what an image_encoder_pretrain run exports
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclass
+class Built:
+    """What `build` returns: the model (on CPU, fp32, trainable set declared), its tokenizer, and
+    where the tokenizer files live (copied into exported LMs)."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    tokenizer_dir: Path | None
+    kind: str  # "llama" | "multimodal" | "contrastive"
+
+
+def stage_kind(cfg: RecipeConfig) -> str:
+    """`llama`, `multimodal` or `contrastive`, checking that `model.kind` and `data.task` agree."""
+    task, kind = cfg.data.task, cfg.model.kind
+    if task in LM_TASKS:
+        if kind != "llama":
+            raise RecipeError(f"data.task={task!r} trains a plain LM: set model.kind=llama (got {kind!r})")
+        return "llama"
+    if kind == "llama":
+        raise RecipeError(f"model.kind=llama trains on text only: set data.task=lm (got {task!r})")
+    if task in CONTRASTIVE_TASKS:
+        return "contrastive"
+    if task in IMAGE_TASKS:
+        return "multimodal"
+    raise RecipeError(f"data.task={task!r} has no trainer step yet; use one of "
+                      f"{list(LM_TASKS + CONTRASTIVE_TASKS + IMAGE_TASKS)}")
+
+
+# ------------------------------------------------------------------------------------------ paths
+def lm_checkpoint_dir(path: str | Path) -> Path:
+    """A Llama checkpoint directory, or an `lm_pretrain` run directory holding one under `model/`."""
+    directory = Path(path)
+    if not directory.exists():
+        raise FileNotFoundError(f"LM checkpoint {directory} does not exist; train one with the lm_pretrain "
+                                "recipe or point at a Llama 3 checkpoint directory (HF or Meta layout)")
+    if not (directory / "config.json").is_file() and not (directory / "params.json").is_file() \
+            and (directory / MODEL_DIR / "config.json").is_file():
+        return directory / MODEL_DIR
+    return directory
+
+
+def encoder_weights_file(path: str | Path) -> Path:
+    """`path` itself, or `path/encoder.safetensors` for an image_encoder_pretrain run directory."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / ENCODER_FILE).is_file():
+            return p / ENCODER_FILE
+        raise FileNotFoundError(f"{p} holds no {ENCODER_FILE}; has the image_encoder_pretrain run finished? "
+                                "(model.encoder_checkpoint takes that file or its run directory)")
+    if not p.is_file():
+        raise FileNotFoundError(f"model.encoder_checkpoint {p} does not exist")
+    return p
+
+
+def tokenizer_dir_for(cfg: RecipeConfig) -> Path:
+    """Where the tokenizer is: `data.tokenizer`, else the base LM / `init_from` checkpoint directory."""
+    if cfg.data.tokenizer:
+        return Path(cfg.data.tokenizer)
+    for key in ("base_lm", "init_from"):
+        value = getattr(cfg.model, key)
+        if value and (cfg.model.kind == "llama" or key == "base_lm"):
+            directory = lm_checkpoint_dir(value)
+            if any((directory / f).is_file() for f in TOKENIZER_FILES):
+                return directory
+    raise RecipeError("no tokenizer: set data.tokenizer (a tokenizer.json / tokenizer.model or its directory) "
+                      "or use a model.base_lm directory that holds one")
+
+
+def load_recipe_tokenizer(cfg: RecipeConfig) -> tuple[Tokenizer, Path | None]:
+    """The recipe's tokenizer and the directory its files are in (None for a bare file path)."""
+    path = tokenizer_dir_for(cfg)
+    tok = Tokenizer.from_path(path)
+    return tok, (path if path.is_dir() else path.parent)
+
+
+# ------------------------------------------------------------------------------------------ recipe
+def resolve_recipe(cfg: RecipeConfig) -> RecipeConfig:
+    """A copy of `cfg` with what loading the run later must not guess: absolute `model.base_lm` (an
+    `lm_pretrain` run directory becomes its `model/` folder), the encoder's `max_tiles` in `model.vision`,
+    and for image stages the fusion layer indices the model uses (MultimodalConfig's every-4th default)."""
+    model = cfg.model
+    changes: dict[str, Any] = {}
+    if model.base_lm:
+        changes["base_lm"] = str(lm_checkpoint_dir(model.base_lm).resolve())
+    if stage_kind(cfg) != "llama":
+        changes["vision"] = vision_fields(cfg)
+    if stage_kind(cfg) == "multimodal" and model.base_lm:
+        n_layers = llama_config_from_dir(lm_checkpoint_dir(model.base_lm)).n_layers
+        changes["fusion_layers"] = list(model.fusion_layers) or fusion_schedule(n_layers, max(1, n_layers // 4))
+        bad = [i for i in changes["fusion_layers"] if i >= n_layers]
+        if bad:
+            raise RecipeError(f"model.fusion_layers {bad} do not exist in the {n_layers}-layer base LM "
+                              f"{model.base_lm}; use indices 0..{n_layers - 1}")
+    return dataclasses.replace(cfg, model=dataclasses.replace(model, **changes))
+
+
+# ------------------------------------------------------------------------------------------ llama
+def text_config(text: str | dict[str, Any] | None, tokenizer: Tokenizer) -> LlamaConfig:
+    """`model.text` as a `LlamaConfig` with the tokenizer's vocabulary and BOS/EOS ids.
+
+    `text` is a preset name (`"tiny"`), or a mapping of `LlamaConfig` fields, optionally with
+    `preset: NAME` as the starting point (`{preset: tiny, dim: 128, n_layers: 4}`).
+    """
+    if text is None:
+        raise RecipeError("model.kind=llama needs model.text (a preset name such as 'tiny', or LlamaConfig "
+                          "fields) or a checkpoint in model.base_lm / model.init_from")
+    fields: dict[str, Any] = {"preset": text} if isinstance(text, str) else dict(text)
+    name = fields.pop("preset", None)
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise RecipeError(f"model.text has unknown field(s) {unknown}; LlamaConfig fields: {sorted(known)} (plus 'preset')")
+    if isinstance(fields.get("rope_scaling"), dict):
+        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+    vocab = fields.get("vocab_size")
+    if vocab is not None and vocab < tokenizer.vocab_size:
+        raise RecipeError(f"model.text.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
+                          "leave it out (the tokenizer's size is used)")
+    fields.setdefault("vocab_size", tokenizer.vocab_size)
+    fields.setdefault("bos_token_id", tokenizer.bos_id)
+    fields.setdefault("eos_token_id", tokenizer.eos_id)
+    try:
+        return preset(name, **fields) if name is not None else LlamaConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"model.text: {err}") from err
+
+
+def build_llama(cfg: RecipeConfig, tokenizer: Tokenizer) -> LlamaDecoder:
+    """A trainable `LlamaDecoder`: loaded from `init_from` / `base_lm`, or new from `model.text`."""
+    source = cfg.model.init_from or cfg.model.base_lm
+    if source:
+        model = load_llama(lm_checkpoint_dir(source))
+        if model.cfg.vocab_size < tokenizer.vocab_size:
+            raise RecipeError(f"{source} has {model.cfg.vocab_size} vocabulary rows but the tokenizer has "
+                              f"{tokenizer.vocab_size} ids; use the checkpoint's own tokenizer")
+    else:
+        torch.manual_seed(cfg.train.seed)
+        model = LlamaDecoder(text_config(cfg.model.text, tokenizer))
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ multimodal
+def vision_fields(cfg: RecipeConfig) -> dict[str, Any]:
+    """`model.vision` (the encoder config fields); `data.max_tiles` fills a missing `max_tiles`."""
+    fields = dict(cfg.model.vision)
+    fields.setdefault("max_tiles", cfg.data.max_tiles)
+    return fields
+
+
+def check_data_geometry(cfg: RecipeConfig, tile_size: int, max_tiles: int) -> None:
+    """The loader must tile images exactly as the encoder expects."""
+    if cfg.data.tile_size is not None and cfg.data.tile_size != tile_size:
+        raise RecipeError(f"data.tile_size={cfg.data.tile_size} but the encoder uses {tile_size}-pixel tiles; "
+                          "set model.vision.tile_size (data.tile_size: null follows the model)")
+    if cfg.data.max_tiles != max_tiles:
+        raise RecipeError(f"data.max_tiles={cfg.data.max_tiles} but the encoder has max_tiles={max_tiles}; "
+                          "set both to the same value")
+
+
+def load_encoder_checkpoint(model: MultimodalLlama, path: str | Path) -> None:
+    """Pretrained encoder weights: for timm a backbone state dict (what image_encoder_pretrain writes,
+    or any timm / OpenCLIP file `TimmEncoderConfig.weights` accepts; positional embeddings are
+    resampled to the tile size); for mllama a safetensors file of the encoder's state dict (keys as
+    `model.encoder.state_dict()`, optionally prefixed `encoder.` or `vision_model.`)."""
+    file = encoder_weights_file(path)
+    if model.cfg.encoder == "timm":
+        from mm_llama.encoders.timm_vit import load_backbone_weights
+
+        load_backbone_weights(model.encoder.backbone, file)
+        return
+    tensors = load_file(str(file))
+    for prefix in ("encoder.", "vision_model."):
+        if tensors and all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    result = model.encoder.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RecipeError(f"model.encoder_checkpoint {file} does not fit the {model.cfg.encoder} encoder: missing "
+                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; check model.vision")
+
+
+def adapter_weights_of(run: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The adapter tensors of an earlier run: its `adapter.safetensors`, else (an unfinished run) the
+    trained tensors of its newest checkpoint."""
+    from mm_llama.train.checkpointing import TRAINABLE_FILE, latest_checkpoint
+
+    directory = Path(run)
+    if (directory / ADAPTER_FILE).is_file():
+        return load_file(str(directory / ADAPTER_FILE)), directory / ADAPTER_FILE
+    if directory.is_file() and directory.suffix == ".safetensors":
+        return load_file(str(directory)), directory
+    latest = latest_checkpoint(directory, clean=False) if directory.is_dir() else None
+    if latest is not None:
+        return load_file(str(latest / TRAINABLE_FILE)), latest / TRAINABLE_FILE
+    raise FileNotFoundError(f"model.init_from {directory} holds neither {ADAPTER_FILE} nor training checkpoints; "
+                            "point it at the run directory of the previous stage")
+
+
+def _resample_pos_embed(model: MultimodalLlama, name: str, tensor: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A timm backbone's absolute position embedding from an earlier stage's tile size to this one's."""
+    from timm.layers import resample_abs_pos_embed
+
+    backbone = model.encoder.backbone
+    prefix_in_embed = 0 if getattr(backbone, "no_embed_class", False) else int(getattr(backbone, "num_prefix_tokens", 1))
+    old = int(math.isqrt(tensor.shape[1] - prefix_in_embed))
+    grid = backbone.patch_embed.grid_size
+    if old * old != tensor.shape[1] - prefix_in_embed:
+        raise RecipeError(f"{name}: cannot resample a non-square position embedding {tuple(tensor.shape)}")
+    return resample_abs_pos_embed(tensor, new_size=list(grid), old_size=[old, old],
+                                  num_prefix_tokens=prefix_in_embed).to(target.dtype)
+
+
+def load_adapter_weights(model: MultimodalLlama, run: str | Path) -> Path:
+    """Continue from an earlier stage: copy its encoder + fusion weights into `model`.
+
+    Every adapter tensor of `model` must be in the file, with the same shape — except a timm
+    backbone's position embedding, which is resampled when the tile size changed (annealing at a
+    higher resolution). Returns the file read.
+    """
+    tensors, file = adapter_weights_of(run)
+    expected = adapter_state_dict(model)
+    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unexpected or missing:
+        raise RecipeError(f"model.init_from {file} does not match this model's adapter: missing {missing[:5]}"
+                          f"{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}; the earlier stage must use the "
+                          "same model.encoder, model.vision (except tile_size) and model.fusion_layers")
+    state = model.state_dict(keep_vars=True)
+    mismatched = []
+    with torch.no_grad():
+        for name in expected:
+            source, target = tensors[name], state[name]
+            if source.shape != target.shape:
+                if model.cfg.encoder == "timm" and name == "encoder.backbone.pos_embed":
+                    source = _resample_pos_embed(model, name, source, target)
+                else:
+                    mismatched.append(f"{name}: {tuple(source.shape)} vs {tuple(target.shape)}")
+                    continue
+            target.copy_(source)
+    if mismatched:
+        raise RecipeError(f"model.init_from {file}: shape mismatch(es) {mismatched[:5]}; the earlier stage used another "
+                          "encoder / fusion shape")
+    return file
+
+
+def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama:
+    """Frozen base LM + image encoder + fusion, with the recipe's trainable groups."""
+    model_cfg = cfg.model
+    if not model_cfg.base_lm:
+        raise RecipeError("model.kind=multimodal needs model.base_lm: the (frozen) Llama checkpoint directory")
+    if model_cfg.text is not None:
+        raise RecipeError("model.text describes a new LM for model.kind=llama; an image model uses the LM in "
+                          "model.base_lm — remove model.text")
+    if model_cfg.train_decoder:
+        raise RecipeError("model.train_decoder=true: the image stages keep the LM frozen, and a run's export "
+                          "(adapter.safetensors) holds only the encoder and fusion weights; set model.train_decoder=false")
+    decoder = load_llama(lm_checkpoint_dir(model_cfg.base_lm))
+    if decoder.cfg.vocab_size < tokenizer.vocab_size:
+        raise RecipeError(f"the base LM has {decoder.cfg.vocab_size} vocabulary rows but the tokenizer has "
+                          f"{tokenizer.vocab_size} ids; use the base LM's tokenizer (data.tokenizer: null)")
+    vision = vision_config_from_dict(model_cfg.encoder, vision_fields(cfg))
+    torch.manual_seed(cfg.train.seed)
+    mm_cfg = MultimodalConfig(text=decoder.cfg, vision=vision, encoder=model_cfg.encoder,
+                              fusion_layers=tuple(model_cfg.fusion_layers))
+    model = MultimodalLlama(mm_cfg, decoder=decoder)
+    check_data_geometry(cfg, model.encoder.tile_size, model.encoder.max_tiles)
+    if model_cfg.encoder_checkpoint:
+        load_encoder_checkpoint(model, model_cfg.encoder_checkpoint)
+    if model_cfg.init_from:
+        load_adapter_weights(model, model_cfg.init_from)
+    model.set_trainable(encoder=model_cfg.train_encoder, fusion=model_cfg.train_fusion, decoder=model_cfg.train_decoder)
+    model.train()
+    return model
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def build(cfg: RecipeConfig) -> Built:
+    """The recipe's model (CPU, fp32, trainable set declared) and tokenizer."""
+    kind = stage_kind(cfg)
+    tokenizer, tok_dir = load_recipe_tokenizer(cfg)
+    if kind == "llama":
+        model: nn.Module = build_llama(cfg, tokenizer)
+    elif kind == "multimodal":
+        model = build_multimodal(cfg, tokenizer)
+    else:
+        from mm_llama.train.contrastive import build_contrastive
+
+        model = build_contrastive(cfg, tokenizer)
+    return Built(model=model, tokenizer=tokenizer, tokenizer_dir=tok_dir, kind=kind)
+
+
+__all__ = [
+    "Built", "ENCODER_FILE", "MODEL_DIR", "adapter_weights_of", "build", "build_llama", "build_multimodal",
+    "check_data_geometry", "encoder_weights_file", "lm_checkpoint_dir", "load_adapter_weights",
+    "load_encoder_checkpoint", "load_recipe_tokenizer", "resolve_recipe", "stage_kind", "text_config",
+    "tokenizer_dir_for", "vision_fields",
+]

@@ -1,0 +1,163 @@
+"""One step function per task family: batch → summed loss in fp32 + how many tokens / samples it covered.
+
+| task family | batch | model call | loss |
+|---|---|---|---|
+| `lm` | `PackedBatch` (train.text_data) | `LlamaDecoder(input_ids, document_ids=…)` | shifted cross-entropy, summed over labelled tokens |
+| `image_text` (`caption`, `vqa`) | `ImageTextBatch` | `MultimodalLlama(input_ids, images=…, attention_mask=…)` | shifted cross-entropy, summed over labelled tokens |
+| `contrastive` | `ImageTextBatch` (captions) | `ContrastiveModel(pixels, captions)` | symmetric InfoNCE × samples |
+
+Labels are aligned with the inputs (`mm_llama.data.prompts`): the logits at `t − 1` predict
+`labels[t]`. Each step returns the loss *summed* over its units (labelled tokens, or samples for
+contrastive) together with the unit count, so the trainer can normalise by the count over all
+micro-batches and ranks — gradient accumulation and data parallelism then give exactly the gradient of
+one large batch. The loss is computed in fp32; bf16 autocast is used only on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm_llama.data.prompts import IGNORE_INDEX
+
+
+@dataclass
+class StepResult:
+    """What a step function returns.
+
+    loss_sum: fp32 scalar, the loss summed over `units` (keeps the graph for `backward`).
+    units: what the loss is averaged over: labelled tokens (lm, image_text) or samples (contrastive).
+    tokens: input tokens processed (real, non-padding), for tokens/s. samples: rows in the batch.
+    metrics: further per-batch numbers (e.g. contrastive retrieval accuracy), averaged by the trainer.
+    """
+
+    loss_sum: torch.Tensor
+    units: int
+    tokens: int
+    samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def autocast(device: torch.device, precision: str = "auto") -> ContextManager[Any]:
+    """bf16 autocast on CUDA (`precision` auto or bf16); nothing on CPU or with fp32."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError("train.precision=bf16 needs CUDA (bf16 autocast is used only on GPUs); "
+                         "use train.precision=auto or fp32 on CPU")
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`(loss summed in fp32, labelled positions)` for `logits [B, T, V]` and aligned `labels [B, T]`
+    (−100 = ignored): position `t − 1` predicts `labels[t]`."""
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
+    target = labels[:, 1:]
+    pred = logits[:, :-1].float()
+    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, int((target != IGNORE_INDEX).sum())
+
+
+def label_count(labels: torch.Tensor) -> int:
+    """Positions `shifted_cross_entropy` scores for aligned `labels [B, T]`."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# ------------------------------------------------------------------------------------------ tasks
+class Task:
+    """A task family: how to count a batch's loss units, move it to a device and run one step."""
+
+    name = ""
+
+    def __init__(self, device: torch.device, precision: str = "auto") -> None:
+        self.device = device
+        self.precision = precision
+
+    def units(self, batch: Any) -> int:
+        """What the loss of `batch` is averaged over (known before the forward pass)."""
+        raise NotImplementedError
+
+    def to_device(self, batch: Any) -> Any:
+        return batch.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def step(self, model: nn.Module, batch: Any) -> StepResult:
+        """Forward `batch` (already on the device) and return the summed loss."""
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batch: Any) -> StepResult:
+        with autocast(self.device, self.precision):
+            return self.step(model, batch)
+
+
+class LMTask(Task):
+    """Packed text (`PackedBatch`) through a `LlamaDecoder`; attention stays within documents."""
+
+    name = "lm"
+
+    def units(self, batch: Any) -> int:
+        return label_count(batch.labels)
+
+    def step(self, model: nn.Module, batch: Any) -> StepResult:
+        logits = model(batch.input_ids, document_ids=batch.document_ids)
+        loss, units = shifted_cross_entropy(logits, batch.labels)
+        return StepResult(loss, units, int(batch.input_ids.numel()), int(batch.input_ids.shape[0]))
+
+
+class ImageTextTask(Task):
+    """Captioning / VQA (`ImageTextBatch`) through a `MultimodalLlama`; loss on the response tokens."""
+
+    name = "image_text"
+
+    def units(self, batch: Any) -> int:
+        return label_count(batch.text.labels)
+
+    def step(self, model: nn.Module, batch: Any) -> StepResult:
+        text = batch.text
+        logits = model(text.input_ids, images=batch.images, attention_mask=text.attention_mask)
+        loss, units = shifted_cross_entropy(logits, text.labels)
+        return StepResult(loss, units, int(text.attention_mask.sum()), int(text.input_ids.shape[0]))
+
+
+class ContrastiveTask(Task):
+    """Image–caption pairs (`ImageTextBatch`) through a `ContrastiveModel`; loss = InfoNCE × samples."""
+
+    name = "contrastive"
+
+    def units(self, batch: Any) -> int:
+        return int(batch.text.input_ids.shape[0])
+
+    def step(self, model: nn.Module, batch: Any) -> StepResult:
+        from mm_llama.train.contrastive import caption_tokens
+
+        captions, mask = caption_tokens(batch.text, pad_id=0)
+        out = model(batch.images, captions, mask)
+        n = int(captions.shape[0])
+        return StepResult(out["loss"] * n, n, int(mask.sum()), n,
+                          {"accuracy": float(out["accuracy"]), "temperature": float(out["temperature"])})
+
+
+TASK_FAMILIES: dict[str, Callable[..., Task]] = {
+    "lm": LMTask, "caption": ImageTextTask, "vqa": ImageTextTask, "contrastive": ContrastiveTask,
+}
+
+
+def task_for(name: str, device: torch.device, precision: str = "auto") -> Task:
+    """The step function of `data.task` (`lm`, `caption`, `vqa`, `contrastive`)."""
+    if name not in TASK_FAMILIES:
+        raise ValueError(f"no training step for data.task={name!r}; known: {sorted(TASK_FAMILIES)}")
+    return TASK_FAMILIES[name](device, precision)
+
+
+__all__ = [
+    "ContrastiveTask", "ImageTextTask", "LMTask", "StepResult", "TASK_FAMILIES", "Task", "autocast",
+    "label_count", "shifted_cross_entropy", "task_for",
+]

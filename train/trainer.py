@@ -1,0 +1,604 @@
+"""The training loop: one code path for one CPU, one GPU and `torchrun --nproc_per_node N`.
+
+    result = run_training(load_recipe("tiny_vision_pretrain", overrides), "runs/demo/vision", resume=False)
+
+What a run does, in order:
+
+1. Seeds Python / NumPy / torch with `train.seed`; sets up the process group under torchrun
+   (`DistributedContext.from_env`; device `train.device`, `auto` = CUDA when available).
+2. Resolves the recipe (absolute base LM path, fusion layer indices) and writes it to
+   `RUN/config.yaml` — that file plus the exported weights is what loading a run needs.
+3. Builds the model (`train.build`), moves it to the device, optionally enables activation
+   checkpointing (`train.activation_checkpointing`: every decoder layer, the timm backbone's blocks)
+   and `torch.compile` per block (`train.compile`), FSDP2-shards the frozen LM
+   (`distributed.fsdp_frozen_lm`) and wraps what trains in DDP.
+4. AdamW over exactly the trainable parameters (checked) + warm-up / cosine schedule.
+5. Data: `loader_for_task` for image tasks (the contrastive stage reads the caption layout), packed text
+   (`train.text_data`) for `lm`; a stream that crosses epochs and knows its position
+   `{epoch, batches_in_epoch}`.
+6. `resume`: restores trained weights, optimizer, scheduler, the non-finite counters, fast-forwards the
+   data to the saved position and then restores the RNG states, so on CPU the continuation is bit
+   for bit the uninterrupted run.
+7. The loop: per optimizer step `optim.accumulation_steps` micro-batches; the loss of each is summed
+   over its labelled tokens (samples for contrastive) and divided by the count over all micro-batches
+   and ranks, so accumulation and data parallelism give the gradient of one large batch, accumulated
+   in fp32 (parameters stay fp32; bf16 autocast only on CUDA). Gradient clipping, a non-finite loss or
+   gradient skips the step (too many in a row stop the run), the scheduler steps every step.
+   `metrics.jsonl` + TensorBoard every `logging.every` steps (loss, lr per group, grad norm,
+   tokens/s, samples/s, skipped samples, non-finite steps), a progress bar with loss, throughput and
+   ETA, evaluation (mean loss on `data.eval_shards`) every `train.eval_every` steps, checkpoints every
+   `checkpoint.every` steps keeping `checkpoint.keep_last`. SIGTERM / SIGINT: checkpoint and return.
+8. Exports: `kind: llama` → `RUN/model/` (HF layout + tokenizer files); image stages →
+   `RUN/adapter.safetensors` (+ tokenizer files), so `load_multimodal(RUN)` works; the contrastive
+   stage → `RUN/encoder.safetensors` (a timm backbone state dict).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import random
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+
+from mm_llama.train.build import ENCODER_FILE, MODEL_DIR, TOKENIZER_FILES, Built, build, resolve_recipe, stage_kind
+from mm_llama.train.checkpointing import (
+    latest_checkpoint, load_checkpoint, restore_rng, restore_training_state, save_checkpoint, trainable_state_dict,
+    capture_rng,
+)
+from mm_llama.train.distributed import DistributedContext, all_reduce_mean, any_true, barrier, shard_frozen_lm, wrap_trainable
+from mm_llama.train.metrics import MetricsLogger, ProgressBar, Throughput
+from mm_llama.train.nonfinite import NonFiniteGuard, guarded_step
+from mm_llama.train.optim import build_optimizer, build_scheduler, check_optimizer_params, current_lrs, unwrap
+from mm_llama.train.recipe import RecipeConfig, RecipeError, save_config
+from mm_llama.train.signals import StopOnSignal
+from mm_llama.train.tasks import Task, task_for
+
+StepCallback = Callable[[int, dict[str, Any]], None]
+
+
+class TrainingError(ValueError):
+    """A run that cannot start or continue as asked (e.g. an existing run without --resume)."""
+
+
+@dataclass
+class TrainResult:
+    """What `run_training` returns.
+
+    run_dir: the run directory. steps: optimizer steps done (the global step). final_loss: the last
+    step's loss (None if no step ran in this call). stopped: a signal ended the run early (a
+    checkpoint was written; continue with `resume=True`). export: the exported model (`model/`,
+    `adapter.safetensors` or `encoder.safetensors`; None when stopped). model: the trained model
+    (unwrapped) in memory. last_eval: the last evaluation's metrics. history: per-step losses of this call.
+    """
+
+    run_dir: Path
+    steps: int
+    final_loss: float | None
+    stopped: bool
+    export: Path | None
+    model: nn.Module
+    nonfinite_steps: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)
+    history: list[float] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ data
+class EpochSource(Protocol):
+    """Something that yields an epoch's batches from any starting batch."""
+
+    def iter_epoch(self, epoch: int, skip: int) -> Iterator[Any]: ...
+
+    @property
+    def skipped_samples(self) -> int: ...
+
+
+class LoaderSource:
+    """A `mm_llama.data.pipelines.Loader` as an `EpochSource` (skipping = reading and dropping batches)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def iter_epoch(self, epoch: int, skip: int) -> Iterator[Any]:
+        self.loader.set_epoch(epoch)
+        it = iter(self.loader)
+        for _ in range(skip):
+            if next(it, None) is None:
+                break
+        return it
+
+    @property
+    def skipped_samples(self) -> int:
+        return int(self.loader.stats.skipped_total)
+
+
+class PackedSource:
+    """`PackedTextData` as an `EpochSource` (skipping is free)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def iter_epoch(self, epoch: int, skip: int) -> Iterator[Any]:
+        return self.data.iter_epoch(epoch, min(skip, self.data.batches_per_epoch))
+
+    @property
+    def skipped_samples(self) -> int:
+        return 0
+
+
+class DataStream:
+    """Batches across epochs with a resumable position: the next batch drawn is batch
+    `batches_in_epoch` of epoch `epoch`."""
+
+    def __init__(self, source: EpochSource, epoch: int = 0, batches_in_epoch: int = 0) -> None:
+        self.source = source
+        self.epoch = int(epoch)
+        self.batches_in_epoch = int(batches_in_epoch)
+        self._it: Iterator[Any] | None = None
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    def open(self) -> None:
+        """Start (or fast-forward into) the current epoch now rather than at the next batch."""
+        self._it = self.source.iter_epoch(self.epoch, self.batches_in_epoch)
+
+    def __iter__(self) -> DataStream:
+        return self
+
+    def __next__(self) -> Any:
+        for _ in range(2):
+            if self._it is None:
+                self.open()
+            assert self._it is not None
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                if self.batches_in_epoch == 0:
+                    raise TrainingError(f"epoch {self.epoch} of the training data yields no batch; check data.shards "
+                                        "(and, in distributed runs, that every rank gets shards)") from None
+                self.epoch, self.batches_in_epoch, self._it = self.epoch + 1, 0, None
+                continue
+            self.batches_in_epoch += 1
+            return batch
+        raise TrainingError(f"epoch {self.epoch} of the training data yields no batch")
+
+
+def _loader_config(cfg: RecipeConfig, shards: list[str], *, tile_size: int, max_tiles: int, max_seq_len: int,
+                   rank: int, world_size: int, evaluation: bool) -> Any:
+    from mm_llama.data.pipelines import LoaderConfig
+
+    d = cfg.data
+    return LoaderConfig(
+        shards=shards, batch_size=d.batch_size, num_workers=d.num_workers,
+        resampled=d.resampled and not evaluation, seed=d.seed,
+        samples_per_epoch=None if evaluation else d.samples_per_epoch,
+        shuffle=d.shuffle and not evaluation, shuffle_buffer=d.shuffle_buffer, rank=rank, world_size=world_size,
+        max_skip_fraction=d.max_skip_fraction, min_samples_before_check=d.min_samples_before_check,
+        tile_size=tile_size, max_tiles=max_tiles, max_seq_len=max_seq_len, drop_last=d.drop_last and not evaluation,
+        prefetch_factor=d.prefetch_factor, check_tars=d.check_tars,
+    )
+
+
+def make_source(cfg: RecipeConfig, built: Built, shards: list[str], *, rank: int, world_size: int,
+                evaluation: bool = False) -> EpochSource:
+    """The training (or evaluation: in order, every sample, the same on every rank) data of a recipe."""
+    model = built.model
+    if built.kind == "llama":
+        from mm_llama.train.text_data import PackedTextData
+
+        seq_len = cfg.data.max_seq_len or model.cfg.max_seq_len
+        if seq_len > model.cfg.max_seq_len:
+            raise RecipeError(f"data.max_seq_len={seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+        unknown = sorted(set(cfg.data.options) - {"allow_special"})
+        if unknown:
+            raise RecipeError(f"data.options {unknown} mean nothing to data.task=lm; it takes allow_special (true: "
+                              "special-token text in documents, e.g. the chat template, becomes special tokens)")
+        return PackedSource(PackedTextData(shards, built.tokenizer, seq_len=seq_len, batch_size=cfg.data.batch_size,
+                                           seed=cfg.data.seed, shuffle=cfg.data.shuffle and not evaluation,
+                                           rank=rank, world_size=world_size,
+                                           allow_special=bool(cfg.data.options.get("allow_special", False))))
+    from mm_llama.data.pipelines import loader_for_task
+    from mm_llama.media_tokens import MediaTokens
+
+    if built.kind == "contrastive":
+        task, lm_cfg, tile, tiles = "caption", model.lm.cfg, model.tile_size, model.max_tiles
+    else:
+        task, lm_cfg, tile, tiles = cfg.data.task, model.cfg.text, model.encoder.tile_size, model.encoder.max_tiles
+    max_seq_len = cfg.data.max_seq_len or lm_cfg.max_seq_len
+    options = dict(cfg.data.options)
+    if cfg.data.prompt is not None:
+        options["prompt"] = cfg.data.prompt
+    loader_cfg = _loader_config(cfg, shards, tile_size=tile, max_tiles=tiles, max_seq_len=max_seq_len,
+                                rank=rank, world_size=world_size, evaluation=evaluation)
+    with warnings.catch_warnings():
+        if evaluation:
+            warnings.simplefilter("ignore")  # one process reads every eval shard: the few-shards warning is moot
+        loader = loader_for_task(task, loader_cfg, built.tokenizer, media=MediaTokens(lm_cfg.vocab_size), **options)
+    return LoaderSource(loader)
+
+
+# ------------------------------------------------------------------------------------------ model options
+def _checkpointed(forward: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each Llama decoder layer in the backward pass (the instance's `forward` is wrapped, so
+    state-dict names do not change) and turn on a timm backbone's own block checkpointing. Returns the
+    number of decoder layers wrapped."""
+    from mm_llama.layers import DecoderLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, DecoderLayer):
+            module.forward = functools.partial(_checkpointed, module.forward)  # type: ignore[method-assign]
+            n += 1
+        elif hasattr(module, "set_grad_checkpointing") and hasattr(module, "blocks"):
+            module.set_grad_checkpointing(True)
+    return n
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """`torch.compile` each decoder layer and timm block in place (`nn.Module.compile`: names unchanged)."""
+    from timm.models.vision_transformer import Block
+
+    from mm_llama.layers import DecoderLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, (DecoderLayer, Block)):
+            module.compile()
+            n += 1
+    return n
+
+
+def frozen_lm_of(model: nn.Module, kind: str) -> nn.Module:
+    if kind == "llama":
+        raise RecipeError("distributed.fsdp_frozen_lm shards a frozen LM, but model.kind=llama trains the LM; "
+                          "set distributed.fsdp_frozen_lm=false")
+    return model.lm if kind == "contrastive" else model.decoder
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _global_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks (float64)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(v) for v in values]
+    out = all_reduce_mean(torch.tensor(values, dtype=torch.float64))
+    return [float(v) * dist.get_world_size() for v in out.tolist()]
+
+
+def _gather_rng(ctx: DistributedContext) -> dict[str, Any]:
+    """This process' RNG states; in distributed runs every rank's, keyed `rank0`, `rank1`, …"""
+    state = capture_rng()
+    if not ctx.is_distributed:
+        return state
+    states: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(states, state)
+    return {f"rank{r}": s for r, s in enumerate(states)}
+
+
+def _own_rng(rng: dict[str, Any], rank: int) -> dict[str, Any]:
+    if "torch" in rng:
+        return rng
+    return rng.get(f"rank{rank}", rng.get("rank0", {}))
+
+
+def copy_tokenizer(source: Path | None, target: Path) -> None:
+    if source is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and source.resolve() != target.resolve():
+            shutil.copy(source / name, target / name)
+
+
+class _Window:
+    """Sums over the steps between two log lines."""
+
+    def __init__(self) -> None:
+        self.loss, self.finite, self.steps, self.tokens, self.samples = 0.0, 0, 0, 0, 0
+        self.metrics: dict[str, float] = {}
+
+    def add(self, step: dict[str, Any]) -> None:
+        self.steps += 1
+        if math.isfinite(step["loss"]):
+            self.loss += step["loss"]
+            self.finite += 1
+        self.tokens += step["tokens"]
+        self.samples += step["samples"]
+        for key, value in step["metrics"].items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + value
+
+    def mean_loss(self) -> float:
+        return self.loss / self.finite if self.finite else math.nan
+
+    def mean_metrics(self) -> dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.metrics.items()}
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    """One training run (see the module docstring); `run()` does it. Use `run_training`."""
+
+    def __init__(self, cfg: RecipeConfig, run_dir: str | Path, ctx: DistributedContext, *, resume: bool = False,
+                 on_step_end: StepCallback | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ctx = ctx
+        self.resume = resume
+        self.on_step_end = on_step_end
+        self.device = ctx.device
+        self.kind = stage_kind(cfg)
+
+    # ---------------------------------------------------------------- set-up
+    def _print(self, message: str) -> None:
+        if self.ctx.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def _existing_checkpoint(self) -> Path | None:
+        latest = latest_checkpoint(self.run_dir, clean=self.ctx.is_main) if self.ctx.is_main else None
+        barrier()
+        if not self.ctx.is_main:
+            latest = latest_checkpoint(self.run_dir, clean=False)
+        if latest is not None and not self.resume:
+            raise TrainingError(f"{self.run_dir} already holds training checkpoints (newest {latest.name}); pass --resume "
+                                "to continue that run, or choose a new run directory with --out")
+        return latest
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        if not cfg.data.shards:
+            raise RecipeError("data.shards is empty: name the training shards (paths, globs, brace patterns or directories)")
+        self.cfg = cfg = resolve_recipe(cfg)
+        self.latest = self._existing_checkpoint()
+        if self.ctx.is_main:
+            save_config(cfg, self.run_dir)
+        self.built = build(cfg)
+        model = self.built.model.to(self.device)
+        self.model = model
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if cfg.train.compile:
+            compile_blocks(model)
+        if cfg.distributed.fsdp_frozen_lm and self.ctx.is_distributed:
+            shard_frozen_lm(frozen_lm_of(model, self.kind), self.ctx)
+        self.wrapped = wrap_trainable(model, self.ctx, find_unused_parameters=cfg.distributed.find_unused_parameters)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.total_steps)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row)
+        self.task: Task = task_for(cfg.data.task, self.device, cfg.train.precision)
+        source = make_source(cfg, self.built, list(cfg.data.shards), rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self.eval_source: EpochSource | None = None
+        if cfg.train.eval_every and cfg.data.eval_shards:
+            self.eval_source = make_source(cfg, self.built, list(cfg.data.eval_shards), rank=0, world_size=1,
+                                           evaluation=True)
+        self.step = 0
+        position = {"epoch": 0, "batches_in_epoch": 0}
+        rng = None
+        if self.latest is not None:
+            ckpt = load_checkpoint(self.latest, map_location=self.device)
+            restore_training_state(ckpt, model, self.optimizer, self.scheduler, rng=False)
+            self.step = ckpt.step
+            position = {"epoch": 0, "batches_in_epoch": 0, **ckpt.data_position}
+            self.guard.load_state_dict(ckpt.extra.get("guard", {}))
+            saved_world = ckpt.extra.get("world_size", self.ctx.world_size)
+            if saved_world != self.ctx.world_size:
+                warnings.warn(f"{self.latest} was written by {saved_world} rank(s), this run has {self.ctx.world_size}: "
+                              "the data continues from the same epoch and batch index, but not exactly the same samples",
+                              stacklevel=2)
+            rng = ckpt.rng
+            self._print(f"resuming {self.run_dir} from {self.latest.name} (step {self.step}, epoch {position['epoch']}, "
+                        f"batch {position['batches_in_epoch']})")
+        elif self.resume:
+            self._print(f"--resume: {self.run_dir} has no checkpoint yet; starting from step 0")
+        self.stream = DataStream(source, position["epoch"], position["batches_in_epoch"])
+        if rng is not None:
+            self.stream.open()  # fast-forward first: opening an epoch may draw from the RNG
+            restore_rng(_own_rng(rng, self.ctx.rank))
+        check_optimizer_params(self.optimizer, model)
+
+    # ---------------------------------------------------------------- one step
+    def _micro_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        if not last and isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `optim.accumulation_steps` micro-batches; returns its numbers."""
+        micro = [self.task.to_device(next(self.stream)) for _ in range(self.cfg.optim.accumulation_steps)]
+        local_units = sum(self.task.units(b) for b in micro)
+        (global_units,) = _global_sum([local_units])
+        scale = self.ctx.world_size / max(global_units, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = samples = 0
+        extra: dict[str, float] = {}
+        for i, batch in enumerate(micro):
+            with self._micro_context(last=i == len(micro) - 1):
+                result = self.task(self.wrapped, batch)
+                (result.loss_sum * scale).backward()
+            loss_sum += result.loss_sum.detach().to(torch.float64)
+            tokens += result.tokens
+            samples += result.samples
+            for key, value in result.metrics.items():
+                extra[key] = extra.get(key, 0.0) + value / len(micro)
+        (total_loss,) = _global_sum([float(loss_sum)])
+        loss = total_loss / global_units if global_units > 0 else math.nan
+        outcome = guarded_step(self.optimizer, self.trainable, loss=loss, step=self.step, guard=self.guard,
+                               grad_clip=self.cfg.optim.grad_clip)
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss, "grad_norm": outcome.grad_norm, "applied": outcome.applied, "tokens": tokens,
+                "samples": samples, "metrics": extra}
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over `data.eval_shards` (every rank evaluates the same batches; at most `train.eval_batches`)."""
+        assert self.eval_source is not None
+        model = self.model
+        model.eval()
+        loss_sum, units, n = 0.0, 0, 0
+        extra: dict[str, float] = {}
+        try:
+            for batch in self.eval_source.iter_epoch(0, 0):
+                if self.cfg.train.eval_batches is not None and n >= self.cfg.train.eval_batches:
+                    break
+                result = self.task(model, self.task.to_device(batch))
+                loss_sum += float(result.loss_sum)
+                units += result.units
+                n += 1
+                for key, value in result.metrics.items():
+                    extra[key] = extra.get(key, 0.0) + value
+        finally:
+            model.train()
+        out = {"loss": loss_sum / units if units else math.nan, "batches": float(n)}
+        out.update({k: v / max(n, 1) for k, v in extra.items()})
+        return out
+
+    # ---------------------------------------------------------------- checkpoints and export
+    def save(self) -> Path | None:
+        rng = _gather_rng(self.ctx)
+        path = None
+        if self.ctx.is_main:
+            path = save_checkpoint(
+                self.run_dir, self.step, trainable_state=trainable_state_dict(self.model), optimizer=self.optimizer,
+                scheduler=self.scheduler, rng=rng, data_position=self.stream.position,
+                extra={"guard": self.guard.state_dict(), "world_size": self.ctx.world_size,
+                       "recipe": self.cfg.name}, keep_last=self.cfg.checkpoint.keep_last,
+            )
+        barrier()
+        return path
+
+    def export(self) -> Path | None:
+        """Write the stage's product (see the module docstring); main rank only."""
+        export: Path | None = None
+        if self.ctx.is_main:
+            model = unwrap(self.model)
+            if self.kind == "llama":
+                from mm_llama.checkpoints.hf import save_hf
+
+                export = save_hf(model, self.run_dir / MODEL_DIR)
+                copy_tokenizer(self.built.tokenizer_dir, export)
+            elif self.kind == "multimodal":
+                from mm_llama.checkpoints.multimodal_loading import ADAPTER_FILE, adapter_state_dict
+
+                export = self.run_dir / ADAPTER_FILE
+                tmp = export.with_name(export.name + ".tmp")
+                save_file(adapter_state_dict(model), str(tmp), metadata={"format": "pt", "step": str(self.step)})
+                tmp.replace(export)
+                copy_tokenizer(self.built.tokenizer_dir, self.run_dir)
+            else:
+                from mm_llama.train.contrastive import save_encoder
+
+                export = save_encoder(model, self.run_dir / ENCODER_FILE)
+        barrier()
+        return export
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> TrainResult:
+        self.setup()
+        cfg, ctx = self.cfg, self.ctx
+        total = cfg.train.steps
+        logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard, resume_step=self.step,
+                               enabled=ctx.is_main)
+        bar = ProgressBar(total, initial=min(self.step, total), enabled=ctx.is_main and cfg.logging.progress,
+                          desc=cfg.name or self.kind)
+        throughput = Throughput()
+        window = _Window()
+        rates: dict[str, float] = {}
+        history: list[float] = []
+        last_eval: dict[str, float] = {}
+        stopped = False
+        saved_at = None
+        last: dict[str, Any] = {}
+        try:
+            with StopOnSignal() as stop:
+                while self.step < total:
+                    last = self.train_step()
+                    history.append(last["loss"])
+                    window.add(last)
+                    record: dict[str, Any] = {}
+                    if self.step % cfg.logging.every == 0 or self.step == total:
+                        tokens, samples = _global_sum([window.tokens, window.samples])
+                        throughput.add(int(samples), int(tokens))
+                        rates = throughput.rates()
+                        record = {
+                            "loss": window.mean_loss(), "lr": current_lrs(self.optimizer),
+                            "grad_norm": last["grad_norm"], **rates,
+                            "skipped_samples": self.stream.source.skipped_samples,
+                            "nonfinite_steps": self.guard.total, "epoch": self.stream.epoch, **window.mean_metrics(),
+                        }
+                        logger.log(self.step, record)
+                        window = _Window()
+                    bar.update(1, loss=last["loss"], tokens_per_s=rates.get("tokens_per_s"),
+                               samples_per_s=rates.get("samples_per_s"))
+                    if self.eval_source is not None and (self.step % cfg.train.eval_every == 0 or self.step == total):
+                        last_eval = self.evaluate()
+                        logger.log(self.step, {"eval": last_eval})
+                        bar.write(f"step {self.step}: eval loss {last_eval['loss']:.4f}")
+                    if self.step % cfg.checkpoint.every == 0:
+                        self.save()
+                        saved_at = self.step
+                    if self.on_step_end is not None:
+                        self.on_step_end(self.step, {**last, **record})
+                    if any_true(stop.stop_requested):
+                        stopped = True
+                        why = stop.received.name if stop.received is not None else "a stop request"
+                        if saved_at != self.step:
+                            self.save()
+                            saved_at = self.step
+                        bar.write(f"stopped by {why} at step {self.step}; checkpoint written — continue with --resume")
+                        break
+            if not stopped and saved_at != self.step:
+                self.save()
+            export = None if stopped else self.export()
+        finally:
+            bar.close()
+            logger.close()
+        final = next((x for x in reversed(history) if math.isfinite(x)), None) if history else None
+        return TrainResult(self.run_dir, self.step, final, stopped, export, unwrap(self.model),
+                           nonfinite_steps=self.guard.total, last_eval=last_eval, history=history)
+
+
+def run_training(cfg: RecipeConfig, run_dir: str | Path, *, resume: bool = False,
+                 on_step_end: StepCallback | None = None) -> TrainResult:
+    """Run (or with `resume`, continue) the recipe `cfg` in `run_dir`; see the module docstring.
+
+    `on_step_end(step, info)` is called on every rank after each optimizer step with the step's loss,
+    grad norm and (on logging steps) the logged record. Under torchrun the process group is set up
+    here and torn down at the end.
+    """
+    ctx = DistributedContext.from_env(cfg.train.device)
+    try:
+        return Trainer(cfg, run_dir, ctx, resume=resume, on_step_end=on_step_end).run()
+    finally:
+        ctx.close()
+
+
+__all__ = [
+    "DataStream", "LoaderSource", "PackedSource", "TrainResult", "Trainer", "TrainingError", "compile_blocks",
+    "enable_activation_checkpointing", "make_source", "run_training", "seed_everything",
+]
