@@ -6,18 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from mm_llama.commands.arg_types import positive_int
 from mm_llama.commands.device import add_device_options, resolve_device
 from mm_llama.train.evaluation import DEFAULT_MAX_NEW_TOKENS, EVAL_TASKS, evaluate, format_metrics, write_result
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def default_output(model: Path, task: str, blank_images: bool) -> Path:
@@ -45,14 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="eval shards: .tar files, directories of them, globs or brace patterns (read in order)")
     p.add_argument("--task", required=True, choices=EVAL_TASKS,
                    help="caption (image-caption shards) or vqa (image-qa shards)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="samples per generation batch (default 8)")
-    p.add_argument("--max-samples", type=_positive_int, default=None, help="evaluate at most this many samples")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="samples per generation batch (default 8)")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="evaluate at most this many samples")
     p.add_argument("--blank-images", action="store_true",
                    help="control run: replace every image by a mid-grey image of the same size")
     p.add_argument("--prompt", default=None,
                    help="caption instruction (default: the training default); caption task only")
     budgets = ", ".join(f"{task} {n}" for task, n in DEFAULT_MAX_NEW_TOKENS.items())
-    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help=f"generation budget (default: {budgets})")
     p.add_argument("--out", type=Path, default=None,
                    help="result JSON (default: MODEL/eval-TASK.json, MODEL/eval-TASK-blank.json with --blank-images)")

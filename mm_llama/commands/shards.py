@@ -6,29 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from mm_llama.commands.arg_types import positive_float, positive_int
 from mm_llama.data.manifest import ManifestError, write_shards
 
 SHOW_SKIPPED = 10
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,9 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("manifest", type=Path, metavar="MANIFEST.jsonl", help="JSONL manifest, one sample per line")
     p.add_argument("outdir", type=Path, metavar="OUTDIR",
                    help="output folder for the shards and stats.json (created if missing)")
-    p.add_argument("--samples-per-shard", type=_positive_int, default=1000, metavar="N",
+    p.add_argument("--samples-per-shard", type=positive_int, default=1000, metavar="N",
                    help="at most N samples per shard (default: 1000)")
-    p.add_argument("--max-shard-mb", type=_positive_float, default=None, metavar="M",
+    p.add_argument("--max-shard-mb", type=positive_float, default=None, metavar="M",
                    help="also start a new shard before a shard file would exceed M megabytes (10^6 bytes); "
                    "a single larger sample gets a shard of its own (default: no size limit)")
     p.add_argument("--overwrite", action="store_true",

@@ -5,37 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mm_llama.commands.arg_types import positive_float, positive_int, probability
+
 KIND_CHOICES = ("shapes", "moving-shapes", "speech", "text")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,19 +28,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("kind", metavar="KIND", choices=KIND_CHOICES, help="what to generate: " + ", ".join(KIND_CHOICES))
     p.add_argument("out_dir", metavar="OUTDIR", type=Path, help="output folder (created if missing)")
-    p.add_argument("--n", type=_positive_int, default=1000,
+    p.add_argument("--n", type=positive_int, default=1000,
                    help="number of samples: images, clips, utterances or documents (default 1000); QA layouts "
                         "hold one record per selected question, so more than N")
     p.add_argument("--seed", type=int, default=0, help="random seed; with --split it fixes every byte (default 0)")
     p.add_argument("--split", choices=("train", "val", "test"), default="train",
                    help="which split to write; splits never share content (default train)")
-    p.add_argument("--samples-per-shard", type=_positive_int, default=1000,
+    p.add_argument("--samples-per-shard", type=positive_int, default=1000,
                    help="at most this many records per shard (default 1000)")
-    p.add_argument("--max-shard-mb", type=_positive_float, default=None,
+    p.add_argument("--max-shard-mb", type=positive_float, default=None,
                    help="at most this many MB (10^6 bytes) per shard file (default: no limit)")
-    p.add_argument("--noise-prob", type=_probability, default=0.0,
+    p.add_argument("--noise-prob", type=probability, default=0.0,
                    help="speech only: probability of adding white noise at 10-30 dB SNR to an utterance (default 0)")
-    p.add_argument("--workers", type=_positive_int, default=1,
+    p.add_argument("--workers", type=positive_int, default=1,
                    help="generator processes; the output does not depend on it (default 1)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace this split's shards from an earlier run instead of stopping with an error")
