@@ -15,6 +15,8 @@ from mm_llama.media_tokens import MediaTokens
 from mm_llama.multimodal import MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 
+__all__ = ["DEFAULT_CAPTION_PROMPT", "ImageAnswer", "answer_images", "image_prompt", "load_image_model"]
+
 
 
 def image_prompt(tokenizer: Tokenizer, text: str, image_token_id: int, *, chat: bool = True) -> list[int]:

@@ -39,6 +39,7 @@ from typing import Any
 from PIL import Image
 from webdataset.shardlists import expand_urls
 
+from mm_llama.data.shard_source import expand_shards
 from mm_llama.data.decoders import DecodeError, decode_image
 
 __all__ = [
@@ -119,31 +120,13 @@ def _expand_one(spec: str) -> list[str]:
 
 
 def expand_eval_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
-    """The local shard paths named by ``shards``, in the order given.
-
-    ``shards`` is one string/path or a list of them; each may be a ``.tar`` file, a directory (its
-    ``.tar``/``.tar.gz``/``.tgz`` files, sorted by name), a glob (sorted matches) or a brace pattern
-    (``"dir/test-{000000..000003}.tar"``, expanded by webdataset; ``::`` separates several). Raises
-    ValueError naming the pattern when nothing exists there, and for remote URLs (evaluation reads
-    local files only).
-    """
-    if isinstance(shards, (str, os.PathLike)):
-        specs = [os.fspath(shards)]
-    elif isinstance(shards, Sequence) and not isinstance(shards, (bytes, bytearray)):
-        specs = []
-        for i, spec in enumerate(shards):
-            if not isinstance(spec, (str, os.PathLike)):
-                raise ValueError(f"shards[{i}] must be a path string, got {type(spec).__name__} {spec!r:.80}")
-            specs.append(os.fspath(spec))
-    else:
-        raise ValueError(f"shards must be a path or a list of paths, got {type(shards).__name__} {shards!r:.80}")
-    if not specs:
-        raise ValueError("the shard list is empty; pass at least one .tar file, directory, glob or pattern")
-    urls: list[str] = []
-    for spec in specs:
-        if not spec.strip():
-            raise ValueError("a shard path is empty; pass a .tar file, a directory, a glob or a brace pattern")
-        urls.extend(_expand_one(spec))
+    """The local shard paths named by ``shards``, in the order given (what `expand_shards` accepts:
+    ``.tar`` files, directories, globs, brace patterns). Remote URLs are refused: evaluation reads local
+    files only, so that every run sees exactly the same samples."""
+    urls = expand_shards(shards)
+    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
+    if remote:
+        raise ValueError(f"evaluation reads local shards only; got remote {remote[0]!r}; download the shards first")
     return urls
 
 
