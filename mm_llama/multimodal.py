@@ -164,7 +164,8 @@ class MultimodalLlama(nn.Module):
             key_mask, row_mask = attention_masks(key_rows)
             return CrossAttentionInputs(None, key_mask, row_mask, kv=state["kv"])
         if images is None or images.pixels.shape[1] == 0 or not bool((images.aspect_ratio_ids > 0).any()):
-            text_image_mask(tokens, self.cfg.image_token_id, [[] for _ in range(tokens.shape[0])], 1)
+            if bool((tokens == self.cfg.image_token_id).any()):  # image tokens but no images: say which sample
+                text_image_mask(tokens, self.cfg.image_token_id, [[] for _ in range(tokens.shape[0])], 1)
             return None  # text only: the decoder runs exactly as the plain LM
         dense = text_image_mask(tokens, self.cfg.image_token_id, images.num_tiles, images.pixels.shape[2])
         if attention_mask is not None:
