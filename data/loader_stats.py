@@ -127,9 +127,6 @@ class LoaderStats:
             self.add_time(stage, s)
         return self
 
-    def copy(self) -> LoaderStats:
-        return LoaderStats().merge(self)
-
     # -- checking --------------------------------------------------------------------------------
 
     def check(self, max_skip_fraction: float, min_samples: int) -> None:

@@ -51,6 +51,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 import webdataset as wds
+from torchvision.transforms.v2 import functional as tvF
 
 from mm_llama.data.collate import (
     AudioTextBatch,
@@ -300,16 +301,12 @@ def _question_answer(meta: Mapping[str, Any]) -> dict[str, str]:
 class _Processor:
     """Base of the per-family sample processors: a pipeline stage `(samples, recorder) → _Item`s."""
 
-    family = ""
 
-    def __init__(
-        self, task: str, tokenizer: Tokenizer, media: MediaTokens, config: LoaderConfig, min_check: int
-    ) -> None:
+    def __init__(self, task: str, tokenizer: Tokenizer, media: MediaTokens, config: LoaderConfig) -> None:
         self.task = task
         self.tokenizer = tokenizer
         self.media = media
         self.config = config
-        self.min_check = min_check
 
     def tokenize(self, recorder: StatsRecorder, fields: Mapping[str, Any]) -> Example:
         with _Timer(recorder, "tokenize", "bad_field"):
@@ -336,14 +333,13 @@ class _Processor:
             except _Skip as skip:
                 recorder.skip(skip.reason, source, skip.message)
                 if self.config.resampled:  # an endless stream must not spin over unusable data
-                    recorder.check_stuck(self.min_check)
+                    recorder.check_stuck(self.config.min_samples_before_check)
                 continue
             recorder.sample(sum(len(v) for k, v in sample.items() if isinstance(v, (bytes, bytearray))))
             yield item
 
 
 class _ImageProcessor(_Processor):
-    family = "image"
 
     def __init__(self, *args: Any, prompt: str | None = None) -> None:
         super().__init__(*args)
@@ -361,12 +357,14 @@ class _ImageProcessor(_Processor):
         with _Timer(recorder, "decode", "decode_image"):
             image = decode_image(data, f"{source}.{ext}")
         with _Timer(recorder, "transform", "transform"):
-            tiled = self.transform(self.augment(image), source=f"{source}.{ext}")
+            if self.config.augment is None:  # decode_image already gave RGB with EXIF applied
+                tiled = self.transform.tile_tensor(tvF.pil_to_tensor(image))
+            else:  # an augmentation may hand back any PIL mode: let the transform normalise it
+                tiled = self.transform(self.augment(image), source=f"{source}.{ext}")
         return _Item(pair=(example, [tiled]), source=source)
 
 
 class _VideoProcessor(_Processor):
-    family = "video"
 
     def __init__(self, *args: Any, num_frames: int, prompt: str | None = None) -> None:
         super().__init__(*args)
@@ -394,7 +392,6 @@ class _VideoProcessor(_Processor):
 
 
 class _AudioProcessor(_Processor):
-    family = "audio"
 
     def __init__(
         self, *args: Any, max_batch_seconds: float, target_language: str | None, default_language: str | None
@@ -675,7 +672,7 @@ def image_text_loader(
     if task not in IMAGE_TASKS:
         raise ValueError(f"image_text_loader task must be one of {IMAGE_TASKS}, got {task!r}")
     urls, tok, media, pad_id = _setup(config, tokenizer, media)
-    processor = _ImageProcessor(task, tok, media, config, config.min_samples_before_check, prompt=prompt)
+    processor = _ImageProcessor(task, tok, media, config, prompt=prompt)
     stream = _BatchStream(urls, config, processor, collate_image_text,
                           {"pad_id": pad_id, "max_tiles": config.max_tiles, "tile_size": config.tile_size})
     return Loader(stream, task)
@@ -702,8 +699,7 @@ def video_text_loader(
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
     urls, tok, media, pad_id = _setup(config, tokenizer, media)
-    processor = _VideoProcessor(task, tok, media, config, config.min_samples_before_check,
-                                num_frames=num_frames, prompt=prompt)
+    processor = _VideoProcessor(task, tok, media, config, num_frames=num_frames, prompt=prompt)
     stream = _BatchStream(urls, config, processor, collate_video_text,
                           {"pad_id": pad_id, "max_tiles": config.max_tiles, "tile_size": config.tile_size})
     return Loader(stream, task)
@@ -738,7 +734,7 @@ def audio_text_loader(
     if isinstance(bucket_buffer, bool) or not isinstance(bucket_buffer, int) or bucket_buffer < 1:
         raise ValueError(f"bucket_buffer must be a positive integer, got {bucket_buffer!r}")
     urls, tok, media, pad_id = _setup(config, tokenizer, media)
-    processor = _AudioProcessor(task, tok, media, config, config.min_samples_before_check,
+    processor = _AudioProcessor(task, tok, media, config,
                                 max_batch_seconds=float(max_batch_seconds), target_language=target_language,
                                 default_language=default_language)
     stream = _BatchStream(urls, config, processor, collate_audio_text, {"pad_id": pad_id},

@@ -85,6 +85,12 @@ class GenerationConfig:
         except TypeError:
             raise ValueError(f"stop_ids must be a set of integer token ids, got {self.stop_ids!r}") from None
 
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, **settings: Any) -> "GenerationConfig":
+        """Settings that stop at the tokenizer's stop tokens and pad with its pad id (0 if it has none)."""
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        return cls(stop_ids=tokenizer.stop_ids, pad_id=pad_id, **settings)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

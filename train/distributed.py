@@ -101,12 +101,6 @@ class DistributedContext:
     def barrier(self) -> None:
         barrier()
 
-    def all_reduce_mean(self, value: T) -> T:
-        return all_reduce_mean(value)
-
-    def any_true(self, flag: bool) -> bool:
-        return any_true(flag)
-
     def close(self) -> None:
         """Destroy the process group if this context created it."""
         if self.owns_group and dist.is_initialized():

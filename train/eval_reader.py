@@ -27,7 +27,6 @@ recorded with ``key=None``; the samples read from it before the damage are kept.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import tarfile
@@ -37,7 +36,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from PIL import Image
-from webdataset.shardlists import expand_urls
 
 from mm_llama.data.shard_source import expand_shards
 from mm_llama.data.decoders import DecodeError, decode_image
@@ -54,10 +52,6 @@ __all__ = [
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 """Image members looked for in a sample, in this order (the first one present is used)."""
 
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-"""Files taken from a directory given as the shard list."""
-
-_GLOB_CHARS = frozenset("*?[")
 _CHUNK = 1 << 16
 
 
@@ -87,36 +81,6 @@ class SkippedSample:
 
 # --------------------------------------------------------------------------------------------------
 # shard lists
-
-
-def _expand_one(spec: str) -> list[str]:
-    if "://" in spec or spec.startswith("pipe:"):
-        raise ValueError(
-            f"evaluation reads local shards only, got {spec!r}; download the shards and pass their paths"
-        )
-    urls: list[str] = []
-    for item in expand_urls(os.path.expanduser(spec)):
-        if os.path.isdir(item):
-            found = sorted(
-                os.path.join(item, name) for name in os.listdir(item)
-                if name.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(item, name))
-            )
-            if not found:
-                raise ValueError(f"shard directory {item!r} holds no {'/'.join(SHARD_SUFFIXES)} files")
-            urls.extend(found)
-        elif _GLOB_CHARS & set(item):
-            found = sorted(p for p in glob.glob(item) if os.path.isfile(p))
-            if not found:
-                raise ValueError(f"no shards match the glob {item!r}")
-            urls.extend(found)
-        elif os.path.isfile(item):
-            urls.append(item)
-        else:
-            raise ValueError(
-                f"shard {item!r} does not exist; expected a .tar file, a directory of .tar files, a glob "
-                "('dir/*.tar') or a brace pattern ('dir/test-{000000..000009}.tar')"
-            )
-    return urls
 
 
 def expand_eval_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:

@@ -562,14 +562,13 @@ def evaluate(
     media = MediaTokens(model.cfg.text.vocab_size)
     # a tokenizer that does not fit the model fails here, once, instead of skipping every sample
     prompt_ids(tokenizer, media, task, {"question": "?"} if task == "vqa" else ({"prompt": prompt} if prompt else {}))
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids,
-                           pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+    gen = GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
     device = next(model.parameters()).device
     dtype = next(model.projector.parameters()).dtype if hasattr(model, "projector") else next(model.parameters()).dtype
     was_training = model.training
     model.eval()
 
-    total = reader.count_samples()
+    total = reader.count_samples() if progress else None  # only the progress bar needs it
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
     bar = tqdm(total=total, unit="sample", desc=f"eval {task}{' (blank)' if blank_images else ''}",

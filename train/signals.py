@@ -3,7 +3,7 @@
     with StopOnSignal() as stop:
         for step in ...:
             train_step()
-            if stop.stop_requested:       # in distributed runs: ctx.any_true(stop.stop_requested)
+            if stop.stop_requested:       # in distributed runs: any_true(stop.stop_requested)
                 save_checkpoint(...)
                 break
 
@@ -35,10 +35,6 @@ class StopOnSignal:
             raise KeyboardInterrupt(f"second {sig.name} while a stop was pending")
         self.stop_requested = True
         self.received = sig
-
-    def request_stop(self) -> None:
-        """Ask for a stop from code (same effect as a signal)."""
-        self.stop_requested = True
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is not threading.main_thread():

@@ -60,7 +60,7 @@ from mm_llama.train.checkpointing import (
 from mm_llama.train.distributed import DistributedContext, all_reduce_mean, any_true, barrier, shard_frozen_lm, wrap_trainable
 from mm_llama.train.metrics import MetricsLogger, ProgressBar, Throughput
 from mm_llama.train.nonfinite import NonFiniteGuard, guarded_step
-from mm_llama.train.optim import build_optimizer, build_scheduler, check_optimizer_params, current_lrs, unwrap
+from mm_llama.train.optim import build_optimizer, build_scheduler, current_lrs, unwrap
 from mm_llama.train.recipe import RecipeConfig, RecipeError, save_config
 from mm_llama.train.signals import StopOnSignal
 from mm_llama.train.tasks import Task, task_for
@@ -418,7 +418,6 @@ class Trainer:
         if rng is not None:
             self.stream.open()  # fast-forward first: opening an epoch may draw from the RNG
             restore_rng(_own_rng(rng, self.ctx.rank))
-        check_optimizer_params(self.optimizer, model)
 
     # ---------------------------------------------------------------- one step
     def _micro_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:
@@ -428,8 +427,9 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `optim.accumulation_steps` micro-batches; returns its numbers."""
-        micro = [self.task.to_device(next(self.stream)) for _ in range(self.cfg.optim.accumulation_steps)]
-        local_units = sum(self.task.units(b) for b in micro)
+        host = [next(self.stream) for _ in range(self.cfg.optim.accumulation_steps)]
+        local_units = sum(self.task.units(b) for b in host)  # counted on the CPU copy: no device sync
+        micro = [self.task.to_device(b) for b in host]
         (global_units,) = _global_sum([local_units])
         scale = self.ctx.world_size / max(global_units, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)

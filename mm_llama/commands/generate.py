@@ -52,9 +52,8 @@ def run(args: argparse.Namespace) -> int:
             f"has {model.cfg.vocab_size}; they do not belong together"
         )
     prompts = [encode_prompt(tokenizer, p, chat=args.chat, system=args.system) for p in args.prompt]
-    gen = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+    gen = GenerationConfig.for_tokenizer(
+        tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
     )
     results = generate(model, prompts, gen)
     for prompt, result in zip(args.prompt, results):

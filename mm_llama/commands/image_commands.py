@@ -44,9 +44,8 @@ def add_vqa_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _generation(args: argparse.Namespace, tokenizer) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, stop_ids=tokenizer.stop_ids,
-                            pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+    return GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
 def _report(results: list[ImageAnswer], args: argparse.Namespace, field: str, extra: dict | None = None) -> int:
