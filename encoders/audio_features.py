@@ -26,9 +26,3 @@ def log_mel(wave: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     # kaldi fbank expects 16-bit-scaled samples; scaling keeps the log energies in their usual range
     return fbank(wave.float()[None] * 32768.0, num_mel_bins=N_MELS, sample_frequency=SAMPLE_RATE,
                  frame_length=25.0, frame_shift=float(HOP_MS), dither=0.0, energy_floor=0.0)
-
-
-def num_frames(num_samples: int) -> int:
-    """Frames `log_mel` yields for `num_samples` samples (Kaldi snip-edges framing)."""
-    window, hop = SAMPLE_RATE * 25 // 1000, SAMPLE_RATE * HOP_MS // 1000
-    return 0 if num_samples < window else 1 + (num_samples - window) // hop

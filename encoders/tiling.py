@@ -29,14 +29,6 @@ def aspect_ratio_id(grid: tuple[int, int], max_tiles: int) -> int:
     return ratios.index(grid) + 1
 
 
-def aspect_ratio_from_id(ratio_id: int, max_tiles: int) -> tuple[int, int]:
-    """Inverse of `aspect_ratio_id` (id 0, padding, has no grid)."""
-    ratios = supported_aspect_ratios(max_tiles)
-    if not 1 <= ratio_id <= len(ratios):
-        raise ValueError(f"aspect-ratio id {ratio_id} is outside 1..{len(ratios)} for max_tiles={max_tiles}")
-    return ratios[ratio_id - 1]
-
-
 def num_aspect_ratio_ids(max_tiles: int) -> int:
     """Rows of a per-aspect-ratio embedding table: the supported grids plus id 0 (padding)."""
     return len(supported_aspect_ratios(max_tiles)) + 1

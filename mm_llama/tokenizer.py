@@ -141,6 +141,7 @@ class Tokenizer:
         self.special_tokens: dict[str, int] = dict(special_tokens)
         self._vocab_size = int(vocab_size)
         self._special_ids = frozenset(self.special_tokens.values())
+        self._headers: dict[str, list[int]] = {}
         self._enc = tiktoken_encoding
         self._hf_plain = hf_plain  # encode_special_tokens=True: special text is plain text
         self._hf_special = hf_special  # special text parsed as special tokens
@@ -376,12 +377,13 @@ class Tokenizer:
     def encode_header(self, role: str) -> list[int]:
         """``<|start_header_id|>role<|end_header_id|>\\n\\n`` as ids."""
         self._check_role(role)
-        return (
-            [self.special_id("start_header_id")]
-            + self.encode(role)
-            + [self.special_id("end_header_id")]
-            + self.encode("\n\n")
-        )
+        cached = self._headers.get(role)
+        if cached is None:  # encoded once per role: training builds a header for every sample
+            cached = self._headers[role] = (
+                [self.special_id("start_header_id")] + self.encode(role)
+                + [self.special_id("end_header_id")] + self.encode("\n\n")
+            )
+        return list(cached)
 
     def encode_message(self, role: str, content: str) -> list[int]:
         """One chat turn: header, ``content.strip()`` (special text stays plain text), ``<|eot_id|>``."""

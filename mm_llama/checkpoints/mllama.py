@@ -49,11 +49,6 @@ def merged_to_fusion_layers(cross_attention_layers: list[int]) -> list[int]:
     return [j - k for k, j in enumerate(cross)]
 
 
-def fusion_to_merged_layers(fusion_layers: list[int]) -> list[int]:
-    """Inverse of `merged_to_fusion_layers`."""
-    return [i + k for k, i in enumerate(sorted(fusion_layers))]
-
-
 def text_config_from_hf(text: dict[str, Any]) -> tuple[LlamaConfig, list[int]]:
     """The trunk's `LlamaConfig` and fusion layer indices from an Mllama `text_config`."""
     cross = list(text.get("cross_attention_layers") or [])
