@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# Until the demo issue lands, the demo writes a tiny *random* Llama 3 checkpoint (with a BPE tokenizer
-# trained on a few built-in sentences) and generates from it: the text it prints is noise by design.
+# The built-in default: synthetic data, tokenizer, tiny LM, contrastive ViT and image adapter trained from
+# scratch, evaluated on held-out images; writes runs/demo/report.html and runs/demo/metrics.json.
+# Each `make demo` starts over (--overwrite removes only what an earlier demo wrote there); continue an
+# interrupted run instead with `$(BIN)/mm-llama demo --out runs/demo --resume`.
 demo: $(STAMP)
-	$(BIN)/python -m mm_llama.tiny_checkpoint runs/tiny-random
-	$(BIN)/mm-llama generate --checkpoint runs/tiny-random --prompt "A red circle" --max-new-tokens 16
+	$(BIN)/mm-llama demo --out runs/demo --overwrite
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -7,9 +7,15 @@ encoder needs training.
     image:  tiles → backbone → pooled token (CLS, or mean of patch tokens) → mean over an image's tiles
             → Linear(width → d) → L2-normalise                                        `[B, d]`
     text:   BOS + caption tokens → frozen LM final-norm hidden states → mean over the caption tokens
-            → Linear(dim → d) → L2-normalise                                            `[B, d]`
+            → standardise per feature (BatchNorm, no affine) → Linear(dim → d) → L2-normalise   `[B, d]`
     loss:   symmetric InfoNCE over the batch, logits = exp(s)·img·txtᵀ with a learnable s initialised to
             log(1/0.07) and clamped to log(100) (CLIP's rule)
+
+Why the standardisation: a small LM's pooled hidden states share one large common component (the mean
+pairwise cosine of tiny-LM caption features is about 0.8), so a freshly initialised projection maps every
+caption to nearly the same direction and InfoNCE collapses to the uniform solution (loss stuck at
+log(batch)). Centring and scaling each feature over the batch removes that component before the projection; the
+frozen LM itself is untouched.
 
 In a distributed run the embeddings of all ranks are gathered (with gradients), so the negatives are
 the global batch. Settings (`model.contrastive` in the recipe): `embed_dim` (default: the smaller of the
@@ -127,6 +133,8 @@ class ContrastiveModel(nn.Module):
         if settings.pool == "cls" and getattr(backbone, "cls_token", None) is None:
             raise RecipeError("model.contrastive.pool=cls but the ViT has no class token; use pool: mean")
         self.image_proj = nn.Linear(width, dim)
+        # batch statistics always (no running buffers): nothing to checkpoint, the same in training and eval
+        self.text_norm = nn.BatchNorm1d(lm.cfg.dim, affine=False, track_running_stats=False)
         self.text_proj = nn.Linear(lm.cfg.dim, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / settings.init_temperature)))
 
@@ -167,7 +175,7 @@ class ContrastiveModel(nn.Module):
         weights[:, 0] = False
         weights = weights.to(hidden.dtype)[..., None]
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return F.normalize(self.text_proj(pooled).float(), dim=-1)
+        return F.normalize(self.text_proj(self.text_norm(pooled.float())), dim=-1)
 
     def forward(self, images: Any, captions: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """`{"loss": symmetric InfoNCE (fp32 scalar), "accuracy": image→text top-1, "temperature"}`.

@@ -14,10 +14,26 @@ images and clips), so the text of a test scene never appears in train.
 
 Written two ways (both from the same documents, in index order):
 
-- ``text`` layout: webdataset shards of ``KEY.txt`` (one document, lines separated by ``\\n``, no blank
-  line inside) for streaming LM pretraining;
-- ``OUTDIR/text/{split}-corpus.txt``: all documents, each followed by one blank line, for tokenizer
-  training (`read_corpus` splits it back into documents).
+- ``text`` layout: webdataset shards of ``KEY.txt`` (one document, lines separated by ``\\n``) for
+  streaming LM pretraining;
+- ``OUTDIR/text/{split}-corpus.txt``: all documents in plain form, each followed by one blank line, for
+  tokenizer training (`read_corpus` splits it back into documents).
+
+``chat=True`` renders every question/answer line and every ``User: … Assistant: …`` line of the
+*shard* documents as one Llama 3 chat exchange in special-token text (`chat_turn`), the form the image
+prompts of `mm_llama.data.prompts` use, so a tiny LM pretrained on the shards (with
+``data.options.allow_special=true``) learns the chat template; captions and the other lines stay plain::
+
+    A red circle on the left and a small blue square at the top.
+    <|start_header_id|>user<|end_header_id|>\\n\\nWhat colour is the circle?<|eot_id|>⏎
+    <|start_header_id|>assistant<|end_header_id|>\\n\\nred<|eot_id|>
+
+(``⏎`` marks where the example is wrapped: an exchange is one line, and ``\\n\\n`` are two newlines.)
+
+The chat form contains blank lines (``\\n\\n`` after each header), which the blank-line separated
+corpus file cannot hold; so the corpus file always holds the *plain* form of the same documents (one
+per shard document: the same count and order). That is also what a tokenizer should be trained on:
+special-token text is not for BPE merges.
 """
 
 from __future__ import annotations
@@ -34,6 +50,14 @@ KIND = "text"
 LAYOUTS: tuple[str, ...] = ("text",)
 """Sub-folder (webdataset layout) that the ``text`` kind writes."""
 
+CORPUS = "corpus"
+"""Key of `text_records`' result holding each document's plain form for the corpus file (not a shard
+layout: `write_synth` appends it to ``OUTDIR/text/{split}-corpus.txt``)."""
+
+USER_HEADER = "<|start_header_id|>user<|end_header_id|>\n\n"
+ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+EOT = "<|eot_id|>"
+
 _QA_FORMATS = ("Question: {q} Answer: {a}", "Q: {q} A: {a}", "User: {q} Assistant: {a}", "{q} {a}")
 _IMAGE_PROMPTS = ("Describe the image.", "What is in the picture?", "Caption this image.", "What do you see?")
 _VIDEO_PROMPTS = ("Describe the video.", "What happens in the clip?", "Caption this video.", "What moves in the video?")
@@ -44,6 +68,31 @@ _DIGIT_LINES = (
     "{w}",
     "{d} = {w}",
 )
+_DIGIT_CHAT = _DIGIT_LINES[1]  # the one digit line that is a question/answer exchange
+
+
+def chat_turn(question: str, answer: str) -> str:
+    """One Llama 3 user/assistant exchange in special-token text, laid out as `prompt_ids` + the response:
+    ``<|start_header_id|>user<|end_header_id|>\\n\\n{question}<|eot_id|>``
+    ``<|start_header_id|>assistant<|end_header_id|>\\n\\n{answer}<|eot_id|>`` (one string, no newline between)."""
+    return f"{USER_HEADER}{question.strip()}{EOT}{ASSISTANT_HEADER}{answer.strip()}{EOT}"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A question/answer line of a document: ``plain`` is its text form (one of the QA formats or a
+    ``User: … Assistant: …`` line), `render` gives it plain or as a chat exchange."""
+
+    question: str
+    answer: str
+    plain: str
+
+    def render(self, chat: bool) -> str:
+        return chat_turn(self.question, self.answer) if chat else self.plain
+
+
+Line = str | Turn
+"""A document line: plain text (a caption, a digit sentence) or a question/answer `Turn`."""
 
 
 @dataclass(frozen=True)
@@ -72,14 +121,24 @@ def random_content(rng: random.Random) -> Content:
     return Content(digits=grammar.random_digits(rng))
 
 
-def _qa_lines(pairs: list[grammar.QA], rng: random.Random, k: int) -> list[str]:
+def _qa_lines(pairs: list[grammar.QA], rng: random.Random, k: int) -> list[Line]:
     chosen = rng.sample(pairs, min(k, len(pairs)))
-    return [rng.choice(_QA_FORMATS).format(q=q.question, a=q.answer) for q in chosen]
+    return [Turn(q.question, q.answer, rng.choice(_QA_FORMATS).format(q=q.question, a=q.answer)) for q in chosen]
 
 
-def document(content: Content, rng: random.Random) -> str:
-    """The document text for ``content`` (several lines, no blank line)."""
-    lines: list[str] = []
+def render(lines: list[Line], chat: bool = False) -> str:
+    """A document's text: its lines joined by ``\\n``, question/answer lines plain or (``chat``) as chat exchanges."""
+    return "\n".join(line if isinstance(line, str) else line.render(chat) for line in lines)
+
+
+def document(content: Content, rng: random.Random, chat: bool = False) -> str:
+    """The document text for ``content``: several lines, no blank line (``chat=False``); see `render`."""
+    return render(document_lines(content, rng), chat)
+
+
+def document_lines(content: Content, rng: random.Random) -> list[Line]:
+    """The lines of the document about ``content`` (draws from ``rng``)."""
+    lines: list[Line] = []
     if content.scene is not None or content.clip is not None:
         if content.scene is not None:
             captions = [grammar.caption(content.scene, rng) for _ in range(rng.randint(1, 2))]
@@ -92,7 +151,7 @@ def document(content: Content, rng: random.Random) -> str:
             prompt = rng.choice(_VIDEO_PROMPTS)
         lines.extend(dict.fromkeys(captions))  # drop a repeated phrasing, keep order
         lines.extend(_qa_lines(pairs, rng, rng.randint(2, 4)))
-        lines.append(f"User: {prompt} Assistant: {captions[0]}")
+        lines.append(Turn(prompt, captions[0], f"User: {prompt} Assistant: {captions[0]}"))
         head, tail = lines[:1], lines[1:]
         rng.shuffle(tail)
         lines = head + tail
@@ -100,33 +159,48 @@ def document(content: Content, rng: random.Random) -> str:
         assert content.digits is not None
         words = grammar.digit_words(content.digits)
         for fmt in rng.sample(_DIGIT_LINES, rng.randint(1, 3)):
-            lines.append(fmt.format(d=content.digits, w=words))
-    return "\n".join(lines)
+            text = fmt.format(d=content.digits, w=words)
+            lines.append(Turn(f"Read out {content.digits}.", words, text) if fmt == _DIGIT_CHAT else text)
+    return lines
 
 
 @dataclass
 class TextSample:
-    """One document."""
+    """One document: ``text`` is its plain form, ``lines`` its lines (`render` them with ``chat=True`` for
+    the chat form)."""
 
     key: str
     text: str
     content: Content
+    lines: tuple[Line, ...] = ()
 
-    def records(self) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
-        """Webdataset records per layout: ``{"text": [(KEY, {"txt"})]}``."""
-        return {"text": [(self.key, {"txt": self.text.encode("utf-8")})]}
+    def chat_text(self) -> str:
+        """The document with its question/answer lines as Llama 3 chat exchanges (see the module docstring)."""
+        return render(list(self.lines), chat=True)
+
+    def records(self, chat: bool = False) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
+        """``{"text": [(KEY, {"txt"})], CORPUS: [(KEY, {"txt"})]}``: the shard record (plain or chat form)
+        and the plain form for the corpus file."""
+        shard = self.chat_text() if chat else self.text
+        return {"text": [(self.key, {"txt": shard.encode("utf-8")})],
+                CORPUS: [(self.key, {"txt": self.text.encode("utf-8")})]}
 
 
 def make_text_sample(seed: int, split: str, index: int) -> TextSample:
     """Sample ``index`` of the ``text`` kind for ``(seed, split)``."""
     rng = sample_rng(KIND, seed, split, index)
     content = draw_in_split(random_content, Content.description, rng, split)
-    return TextSample(sample_key(split, index), document(content, rng), content)
+    lines = document_lines(content, rng)
+    return TextSample(sample_key(split, index), render(lines), content, tuple(lines))
 
 
-def text_records(seed: int, split: str, index: int) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
-    """Records of sample ``index`` per layout (what `write_kind` consumes)."""
-    return make_text_sample(seed, split, index).records()
+def text_records(seed: int, split: str, index: int,
+                 chat: bool = False) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
+    """Records of sample ``index`` (what `write_synth` consumes): the ``text`` layout's record, in chat form
+    with ``chat=True``, and under `CORPUS` the plain form for the corpus file."""
+    if not isinstance(chat, bool):
+        raise ValueError(f"chat must be True or False, got {chat!r}")
+    return make_text_sample(seed, split, index).records(chat)
 
 
 def corpus_path(out_dir: str | Path, split: str) -> Path:

@@ -7,8 +7,8 @@ Folder layout (one ``OUTDIR`` can hold every kind and every split; shard names s
     OUTDIR/video-caption/{split}-000000.tar   moving-shapes: KEY.mp4 + KEY.txt + KEY.json
     OUTDIR/video-qa/{split}-000000.tar        moving-shapes: KEY-qJ.mp4 + KEY-qJ.json (question, answer)
     OUTDIR/speech/{split}-000000.tar          speech: KEY.flac + KEY.json (text, language, duration, ...)
-    OUTDIR/text/{split}-000000.tar            text: KEY.txt (one document)
-    OUTDIR/text/{split}-corpus.txt            text: all documents, blank-line separated
+    OUTDIR/text/{split}-000000.tar            text: KEY.txt (one document; chat=True: chat-formatted)
+    OUTDIR/text/{split}-corpus.txt            text: all documents (plain form), blank-line separated
     OUTDIR/synth-{kind}-{split}.json          what was written (arguments, shards, samples, bytes)
 
 Every file is a pure function of (kind, seed, split, n, options): samples are generated independently
@@ -42,7 +42,7 @@ class KindSpec:
     layouts: tuple[str, ...]
     records: Callable[..., Records]
     options: tuple[str, ...] = ()
-    corpus_layout: str | None = None
+    corpus_records: str | None = None  # key of `records`' result whose texts go to the corpus file, not a shard
     description: str = ""
 
 
@@ -53,7 +53,7 @@ KINDS: dict[str, KindSpec] = {
                               description="mp4 clips of a shape that moves or changes colour, captions and QA"),
     "speech": KindSpec("speech", speech.LAYOUTS, speech.speech_records, options=("noise_prob",),
                        description="espeak-ng speech of grammar sentences and digit strings (16 kHz FLAC)"),
-    "text": KindSpec("text", text.LAYOUTS, text.text_records, corpus_layout="text",
+    "text": KindSpec("text", text.LAYOUTS, text.text_records, options=("chat",), corpus_records=text.CORPUS,
                      description="text documents covering the grammar (shards + corpus.txt)"),
 }
 """Every kind `write_synth` knows, by its command-line name."""
@@ -136,7 +136,7 @@ def write_synth(
         overwrite: replace shards (and the corpus) of this split from an earlier run instead of failing.
         workers: generator processes (1 = in this process); the output does not depend on it.
         progress: called with the number of finished samples after each sample.
-        options: kind-specific (``speech``: ``noise_prob``).
+        options: kind-specific (``speech``: ``noise_prob``; ``text``: ``chat``, see `text`).
     """
     from mm_llama.data.shard_writer import ShardWriter
 
@@ -154,7 +154,7 @@ def write_synth(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {str(out)!r} exists and is not a directory; choose a folder")
-    corpus = text.corpus_path(out, split) if spec.corpus_layout else None
+    corpus = text.corpus_path(out, split) if spec.corpus_records else None
     if corpus is not None and corpus.exists() and not overwrite:
         raise ValueError(f"{str(corpus)!r} exists from an earlier run; choose another folder or pass overwrite")
 
@@ -180,8 +180,9 @@ def write_synth(
             for done, records in enumerate(results, start=1):
                 for layout, items in records.items():
                     for key, files in items:
-                        writers[layout].write(key, files)
-                        if corpus_file is not None and layout == spec.corpus_layout:
+                        if layout != spec.corpus_records:
+                            writers[layout].write(key, files)
+                        elif corpus_file is not None:
                             corpus_file.write(files["txt"].rstrip(b"\n") + b"\n\n")
                 if progress is not None:
                     progress(done)

@@ -1,6 +1,6 @@
 """Subcommands of `mm-llama`; each entry adds its parser (which sets `run`) to the subparsers."""
 
-from mm_llama.commands import bench, evaluate, generate, image_commands, shards, synth, train
+from mm_llama.commands import bench, demo, evaluate, generate, image_commands, shards, synth, train
 
 PARSERS = [
     generate.add_parser,
@@ -10,5 +10,6 @@ PARSERS = [
     train.add_parser,
     synth.add_parser,
     evaluate.add_parser,
+    demo.add_parser,
     bench.add_parser,
 ]

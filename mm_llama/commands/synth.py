@@ -21,7 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "shape that moves or changes colour -> OUTDIR/video-caption and OUTDIR/video-qa. speech: espeak-ng "
             "speech of grammar sentences and digit strings, 16 kHz FLAC -> OUTDIR/speech (KEY.flac + KEY.json "
             "with text/language/duration/sample_rate/voice); the test split's voices never occur in train. "
-            "text: documents covering the grammar -> OUTDIR/text shards (KEY.txt) and OUTDIR/text/SPLIT-corpus.txt. "
+            "text: documents covering the grammar -> OUTDIR/text shards (KEY.txt) and OUTDIR/text/SPLIT-corpus.txt "
+            "(with --chat the shards hold the documents with their question/answer lines as Llama 3 chat turns, "
+            "the corpus file their plain form). "
             "Shards are named SPLIT-NNNNNN.tar, so all splits and kinds can share one OUTDIR. The same "
             "--seed and --split always give byte-identical files; train, val and test never share content."
         ),
@@ -40,6 +42,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="at most this many MB (10^6 bytes) per shard file (default: no limit)")
     p.add_argument("--noise-prob", type=probability, default=0.0,
                    help="speech only: probability of adding white noise at 10-30 dB SNR to an utterance (default 0)")
+    p.add_argument("--chat", action="store_true",
+                   help="text only: write each question/answer line of the shard documents as a Llama 3 chat turn "
+                        "(<|start_header_id|>user<|end_header_id|>... <|eot_id|>, for LM pretraining with "
+                        "data.options.allow_special=true); OUTDIR/text/SPLIT-corpus.txt keeps the plain documents "
+                        "for tokenizer training")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="generator processes; the output does not depend on it (default 1)")
     p.add_argument("--overwrite", action="store_true",
@@ -55,7 +62,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.noise_prob and args.kind != "speech":
         raise ValueError(f"--noise-prob applies to the speech kind only, not {args.kind!r}")
-    options = {"noise_prob": args.noise_prob} if args.kind == "speech" else {}
+    if args.chat and args.kind != "text":
+        raise ValueError(f"--chat applies to the text kind only, not {args.kind!r}")
+    options: dict[str, object] = {}
+    if args.kind == "speech":
+        options["noise_prob"] = args.noise_prob
+    if args.chat:
+        options["chat"] = True
     max_bytes = None if args.max_shard_mb is None else max(1, int(args.max_shard_mb * 1_000_000))
     with tqdm(total=args.n, desc=f"synth {args.kind} {args.split}", unit="sample", disable=args.no_progress) as bar:
         def progress(done: int) -> None:

@@ -80,3 +80,23 @@ def test_settings_are_validated(assets: Assets, tmp_path: Path) -> None:  # noqa
                                                                 model__vision={}))
     with pytest.raises(RecipeError, match="model.encoder=timm"):
         run_training(cfg, tmp_path)
+
+
+def test_text_features_are_standardised_so_a_shared_component_cannot_collapse_them(run) -> None:
+    """A large offset shared by every caption's pooled LM state (what a tiny LM's features carry) must not
+    change the text embeddings: the per-feature batch standardisation removes it before the projection."""
+    result, _ = run
+    model = result.model
+    dim = model.lm.cfg.dim
+    torch.manual_seed(0)
+    pooled = torch.randn(6, dim)
+    shared = 50.0 * torch.randn(dim)
+    project = lambda x: torch.nn.functional.normalize(model.text_proj(model.text_norm(x)), dim=-1)  # noqa: E731
+    with torch.no_grad():
+        plain, offset = project(pooled), project(pooled + shared)
+        raw_offset = torch.nn.functional.normalize(model.text_proj(pooled + shared), dim=-1)
+    torch.testing.assert_close(offset, plain, atol=1e-4, rtol=1e-4)
+    off_diagonal = ~torch.eye(6, dtype=torch.bool)
+    assert (raw_offset @ raw_offset.T)[off_diagonal].mean() > 0.9  # without it: nearly one direction
+    assert (plain @ plain.T)[off_diagonal].abs().mean() < 0.5
+    assert not list(model.text_norm.buffers())  # batch statistics only: nothing outside the checkpoint
