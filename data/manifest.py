@@ -51,6 +51,7 @@ import soundfile
 from PIL import Image
 from tqdm import tqdm
 
+from mm_llama.atomic_file import atomic_write
 from mm_llama.data.decoders import (
     DecodeError,
     audio_duration,
@@ -275,12 +276,6 @@ def _open_manifest(manifest: Path) -> int:
         raise ManifestError(f"cannot read manifest {str(manifest)!r} ({type(e).__name__}: {e})") from None
 
 
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_shards(
     manifest: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -353,5 +348,5 @@ def write_shards(
         "skipped": len(skipped),
         "skipped_samples": skipped,
     }
-    _write_json_atomic(out / "stats.json", stats)
+    atomic_write(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     return stats

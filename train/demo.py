@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mm_llama.atomic_file import atomic_write
 from mm_llama.train.report import LOSS_PLOT_GLOB, METRICS_JSON, REPORT_FILE, format_table, write_report
 
 __all__ = ["AdapterStage", "DemoError", "DemoResult", "DemoSettings", "DemoStopped", "run_demo"]
@@ -49,6 +50,14 @@ SHAPES_LAYOUTS = ("image-caption", "image-qa")
 LAYOUT_TASKS = {"image-qa": "vqa", "image-caption": "caption"}
 RESERVED_NAMES = frozenset({DATA_DIR, TOKENIZER_DIR, LM_RUN, ENCODER_RUN, EVAL_DIR, "report"})
 """Folder names the demo uses itself (an adapter stage may not take one)."""
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
 
 SPECIAL_TOKEN_TEXT = re.compile(r"<\|[a-z_]+\|>")
 """Special-token text (``<|eot_id|>``) in the chat-formatted text shards."""
@@ -235,9 +244,7 @@ class _State:
             raise DemoError(f"cannot read {path}: {err}; start over with --overwrite, or choose another --out") from err
 
     def write(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, "stages": self.stages}, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({"settings": self.settings, "stages": self.stages}, indent=1) + "\n")
 
     def done(self, name: str, seconds: float) -> None:
         self.stages[name] = seconds
@@ -313,7 +320,7 @@ class _Demo:
                       dynamic_ncols=True) as bar:
                 summary = write_synth(kind, self.data, n=n, seed=s.seed, split=split,
                                       samples_per_shard=s.samples_per_shard, overwrite=True,
-                                      workers=max(1, min(4, os.cpu_count() or 1)),
+                                      workers=min(4, available_cores()),
                                       progress=lambda done, bar=bar: bar.update(done - bar.n), **options)
             counts += [f"{layout.samples} {name} {split}" for name, layout in summary.layouts.items()]
         return ", ".join(counts)

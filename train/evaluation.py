@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from mm_llama.atomic_file import atomic_write
 from mm_llama.data.image_transform import ImageTransform, TiledImage, collate_images
 from mm_llama.data.prompts import DEFAULT_CAPTION_PROMPT, prompt_ids
 from mm_llama.generation import GenerationConfig, generate
@@ -371,10 +372,7 @@ def write_result(
     if settings:
         data["settings"].update({k: _jsonable(v) for k, v in settings.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def _jsonable(value: Any) -> Any:

@@ -111,7 +111,12 @@ class MetricsLogger:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every record of `run_dir/metrics.jsonl` (a torn last line from a killed run is skipped)."""
-    path = Path(run_dir) / METRICS_FILE
+    return read_metrics_file(Path(run_dir) / METRICS_FILE)
+
+
+def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl file (none if it does not exist; a torn last line is skipped)."""
+    path = Path(path)
     if not path.is_file():
         return []
     records = []

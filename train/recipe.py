@@ -24,6 +24,8 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from mm_llama.atomic_file import atomic_write
+
 GROUPS = ("encoder", "fusion", "decoder")  # MultimodalLlama.parameter_groups(); see train.optim
 PARAM_KINDS = ("weight", "bias", "norm", "gate", "embedding")  # see train.optim.param_kind
 CONFIG_FILE = "config.yaml"
@@ -599,7 +601,4 @@ def save_config(cfg: RecipeConfig, run_dir: str | Path, filename: str = CONFIG_F
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / filename
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False, allow_unicode=True))
-    tmp.replace(target)
-    return target
+    return atomic_write(target, yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False, allow_unicode=True))

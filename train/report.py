@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 import os
@@ -28,7 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mm_llama.train.metrics import METRICS_FILE
+from mm_llama.atomic_file import atomic_write
+from mm_llama.train.metrics import METRICS_FILE, read_metrics_file
 
 __all__ = ["LOSS_PLOT_GLOB", "METRICS_JSON", "REPORT_FILE", "format_table", "loss_points", "metric_rows",
            "plot_loss", "summarize", "write_report"]
@@ -116,14 +118,7 @@ def format_table(report: Mapping[str, Any]) -> str:
 def loss_points(metrics_jsonl: str | os.PathLike[str]) -> list[tuple[int, float]]:
     """``(step, loss)`` of every line of a run's metrics.jsonl that has a finite training ``loss``."""
     points = []
-    path = Path(metrics_jsonl)
-    if not path.is_file():
-        return points
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
+    for record in read_metrics_file(metrics_jsonl):
         loss, step = record.get("loss"), record.get("step")
         if isinstance(loss, (int, float)) and isinstance(step, int) and math.isfinite(loss):
             points.append((step, float(loss)))
@@ -148,11 +143,9 @@ def plot_loss(points: list[tuple[int, float]], target: str | os.PathLike[str], t
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(target)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
-    return out
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return atomic_write(target, png.getvalue())
 
 
 def _run_title(stage: str, run: Path) -> str:
@@ -311,9 +304,6 @@ def write_report(out: str | os.PathLike[str], *, vqa: Path, vqa_blank: Path, cap
     report["loss_plots"] = {name: path.name for name, path in curves.items()}
     samples = _samples(results["caption"], results["caption_blank"], results["vqa"], results["vqa_blank"],
                        report_images)
-    for target, text in ((out / METRICS_JSON, json.dumps(report, indent=1, allow_nan=False) + "\n"),
-                         (out / REPORT_FILE, _html(report, samples, curves))):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
+    atomic_write(out / METRICS_JSON, json.dumps(report, indent=1, allow_nan=False) + "\n")
+    atomic_write(out / REPORT_FILE, _html(report, samples, curves))
     return report

@@ -131,11 +131,6 @@ def render(lines: list[Line], chat: bool = False) -> str:
     return "\n".join(line if isinstance(line, str) else line.render(chat) for line in lines)
 
 
-def document(content: Content, rng: random.Random, chat: bool = False) -> str:
-    """The document text for ``content``: several lines, no blank line (``chat=False``); see `render`."""
-    return render(document_lines(content, rng), chat)
-
-
 def document_lines(content: Content, rng: random.Random) -> list[Line]:
     """The lines of the document about ``content`` (draws from ``rng``)."""
     lines: list[Line] = []
@@ -166,13 +161,16 @@ def document_lines(content: Content, rng: random.Random) -> list[Line]:
 
 @dataclass
 class TextSample:
-    """One document: ``text`` is its plain form, ``lines`` its lines (`render` them with ``chat=True`` for
-    the chat form)."""
+    """One document about ``content``: its ``lines``; ``text`` is the plain form, `chat_text` the chat form."""
 
     key: str
-    text: str
     content: Content
-    lines: tuple[Line, ...] = ()
+    lines: tuple[Line, ...]
+
+    @property
+    def text(self) -> str:
+        """The document with its question/answer lines in their plain text form."""
+        return render(list(self.lines))
 
     def chat_text(self) -> str:
         """The document with its question/answer lines as Llama 3 chat exchanges (see the module docstring)."""
@@ -181,17 +179,17 @@ class TextSample:
     def records(self, chat: bool = False) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
         """``{"text": [(KEY, {"txt"})], CORPUS: [(KEY, {"txt"})]}``: the shard record (plain or chat form)
         and the plain form for the corpus file."""
-        shard = self.chat_text() if chat else self.text
+        plain = self.text
+        shard = self.chat_text() if chat else plain
         return {"text": [(self.key, {"txt": shard.encode("utf-8")})],
-                CORPUS: [(self.key, {"txt": self.text.encode("utf-8")})]}
+                CORPUS: [(self.key, {"txt": plain.encode("utf-8")})]}
 
 
 def make_text_sample(seed: int, split: str, index: int) -> TextSample:
     """Sample ``index`` of the ``text`` kind for ``(seed, split)``."""
     rng = sample_rng(KIND, seed, split, index)
     content = draw_in_split(random_content, Content.description, rng, split)
-    lines = document_lines(content, rng)
-    return TextSample(sample_key(split, index), render(lines), content, tuple(lines))
+    return TextSample(sample_key(split, index), content, tuple(document_lines(content, rng)))
 
 
 def text_records(seed: int, split: str, index: int,

@@ -28,6 +28,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from mm_llama.atomic_file import atomic_write
 from mm_llama.data.synth import moving_shapes, shapes, speech, text
 from mm_llama.data.synth.splits import check_split
 
@@ -92,15 +93,6 @@ class SynthSummary:
 def summary_path(out_dir: str | Path, kind: str, split: str) -> Path:
     """Where `write_synth` records what it wrote."""
     return Path(out_dir) / f"synth-{kind}-{split}.json"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -215,7 +207,7 @@ def write_synth(
         files=[str(corpus.relative_to(out))] if corpus is not None else [],
     )
     manifest = summary_path(out, kind, split)
-    _atomic_write_bytes(manifest, (json.dumps(summary.manifest(), indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(manifest, (json.dumps(summary.manifest(), indent=2, sort_keys=True) + "\n").encode())
     summary.files.append(manifest.name)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -4,20 +4,12 @@ image adapter trained from scratch, evaluated on held-out shapes (thin wrapper o
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from mm_llama.commands.arg_types import positive_int
 
 DEFAULT_OUT = Path("runs/demo")
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mm_llama.data.loader_stats import TooManySkippedError
-    from mm_llama.train.demo import DemoSettings, DemoStopped, run_demo
+    from mm_llama.train.demo import DemoSettings, DemoStopped, available_cores, run_demo
     from mm_llama.train.nonfinite import NonFiniteLossError
 
-    torch.set_num_threads(args.threads if args.threads is not None else _cores())
+    torch.set_num_threads(args.threads if args.threads is not None else available_cores())
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     try:
         run_demo(settings, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device,
