@@ -56,6 +56,12 @@ class LlamaConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
 
     def replace(self, **changes: Any) -> "LlamaConfig":
+        """A copy with ``changes``. A head_dim that was derived (``dim // n_heads``) is derived again when
+        ``dim`` or ``n_heads`` changes, so ``preset("tiny").replace(dim=128)`` gets head_dim 32, not the
+        preset's 16; an explicit head_dim that differs from ``dim // n_heads`` is kept."""
+        derived = self.head_dim == self.dim // self.n_heads
+        if derived and "head_dim" not in changes and ({"dim", "n_heads"} & changes.keys()):
+            changes = {**changes, "head_dim": None}
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ HF config.json

@@ -80,6 +80,15 @@ def test_unknown_preset_lists_choices() -> None:
         preset("llama9")
 
 
+def test_changing_dim_or_heads_derives_head_dim_again() -> None:
+    assert preset("tiny").head_dim == 16
+    assert preset("tiny", dim=128).head_dim == 32
+    assert preset("tiny", n_heads=2, n_kv_heads=1).head_dim == 32
+    assert preset("tiny", dim=128, head_dim=16).head_dim == 16  # explicit wins
+    explicit = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, head_dim=8)
+    assert explicit.replace(dim=128).head_dim == 8  # a head_dim set apart from dim // n_heads is kept
+
+
 def test_gqa_needs_divisible_heads() -> None:
     with pytest.raises(ValueError, match="n_heads 6 must be a multiple of n_kv_heads 4"):
         preset("tiny", n_heads=6, n_kv_heads=4, head_dim=16)
