@@ -363,13 +363,10 @@ class _Demo:
     def eval_model(self) -> tuple[Any, Any]:
         """The last adapter run's model and tokenizer (loaded once)."""
         if self._eval_model is None:
-            import torch
-
+            from mm_llama.devices import pick_device
             from mm_llama.image_chat import load_image_model
 
-            cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
-            device = torch.device("cuda" if cuda else "cpu")
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            device, dtype = pick_device(self.device)
             self._eval_model = load_image_model(self.out / self.settings.adapter_stages[-1].name, dtype=dtype,
                                                 device=device)
         return self._eval_model

@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from mm_llama.checkpoints.loading import DTYPES
+from mm_llama.devices import pick_device
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
@@ -16,9 +17,5 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} asked for CUDA but no CUDA device is available; use --device cpu")
-    if args.dtype is not None:
-        return device, DTYPES[args.dtype]
-    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    """The ``--device`` / ``--dtype`` options as ``(torch.device, torch.dtype)`` (see `pick_device`)."""
+    return pick_device(args.device, args.dtype)
