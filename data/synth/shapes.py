@@ -1,8 +1,8 @@
 """`shapes`: PNG images of 1–3 coloured shapes on a plain background, with captions and QA.
 
-Geometry: the image (one of `IMAGE_SIZES`, several aspect ratios) is split into a 3×3 grid; a shape at
-position ``left`` has its centre in the left-middle cell, ``top`` in the top-middle cell, ``middle`` in
-the centre cell, and so on. Each shape lies entirely inside its cell (so shapes never overlap and the
+Geometry: the image (one of `IMAGE_SIZES`, several aspect ratios; with ``square=True`` always
+`SQUARE_SIZE`) is split into a 3×3 grid; a shape at position ``left`` has its centre in the left-middle
+cell, ``top`` in the top-middle cell, ``middle`` in the centre cell, and so on. Each shape lies entirely inside its cell (so shapes never overlap and the
 position word is exact). Radii: small 18–22 % and large 38–45 % of the smaller cell side. Shapes are
 drawn without antialiasing, so the pixel at every shape's centre is exactly its colour's RGB.
 
@@ -33,6 +33,8 @@ from mm_llama.data.synth.splits import draw_in_split, sample_key, sample_rng
 KIND = "shapes"
 IMAGE_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (320, 200), (200, 320), (256, 192), (192, 256))
 """(width, height) choices: square, landscape and portrait."""
+SQUARE_SIZE: tuple[int, int] = IMAGE_SIZES[0]
+"""The one (width, height) of ``square=True`` samples."""
 RADIUS_FRACTION: dict[str, tuple[float, float]] = {"small": (0.18, 0.22), "large": (0.38, 0.45)}
 """Radius range of each size, as a fraction of the smaller side of a grid cell."""
 POSITION_CELLS: dict[str, tuple[int, int]] = {
@@ -162,18 +164,31 @@ def render_png(placed: list[PlacedShape], width: int, height: int, background: t
     return buf.getvalue()
 
 
-def make_shapes_sample(seed: int, split: str, index: int) -> ShapesSample:
-    """Sample ``index`` of the ``shapes`` kind for ``(seed, split)`` (pure function of its arguments)."""
+def make_shapes_sample(seed: int, split: str, index: int, *, square: bool = False) -> ShapesSample:
+    """Sample ``index`` of the ``shapes`` kind for ``(seed, split)`` (pure function of its arguments).
+
+    ``square=True`` renders every image at `SQUARE_SIZE` instead of one of `IMAGE_SIZES`: a model that
+    sees one square tile then gets no letterbox padding, and each grid position always falls on the same
+    pixels. The scene, background, caption and questions are the same as with ``square=False``; only the
+    pixel geometry (size, centres, radii) differs.
+    """
+    if not isinstance(square, bool):
+        raise ValueError(f"square must be True or False, got {square!r}")
     rng = sample_rng(KIND, seed, split, index)
     scene = draw_in_split(grammar.random_scene, Scene.description, rng, split)
     width, height = rng.choice(IMAGE_SIZES)
     background = rng.choice(sorted(grammar.BACKGROUNDS))
     placed = place_scene(scene, width, height, rng)
+    if square:  # the draws above still happen, so that every later draw (caption, questions) is unchanged
+        width, height = SQUARE_SIZE
+        placed = place_scene(scene, width, height, sample_rng(f"{KIND}-square", seed, split, index))
     png = render_png(placed, width, height, grammar.BACKGROUNDS[background])
     caption = grammar.caption(scene, rng)
     qa = grammar.scene_qa(scene, rng)
     selected = grammar.select_qa(qa, rng, grammar.QA_TYPES)
-    meta = {"kind": KIND, "seed": seed, "split": split, "index": index}
+    meta: dict[str, Any] = {"kind": KIND, "seed": seed, "split": split, "index": index}
+    if square:
+        meta["square"] = True
     return ShapesSample(sample_key(split, index), png, width, height, background, scene, placed,
                         caption, qa, selected, meta)
 
@@ -182,6 +197,7 @@ LAYOUTS: tuple[str, ...] = ("image-caption", "image-qa")
 """Sub-folders (webdataset layouts) that the ``shapes`` kind writes."""
 
 
-def shapes_records(seed: int, split: str, index: int) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
+def shapes_records(seed: int, split: str, index: int, *, square: bool = False
+                   ) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
     """Records of sample ``index`` per layout (what `write_kind` consumes)."""
-    return make_shapes_sample(seed, split, index).records()
+    return make_shapes_sample(seed, split, index, square=square).records()

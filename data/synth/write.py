@@ -48,7 +48,7 @@ class KindSpec:
 
 
 KINDS: dict[str, KindSpec] = {
-    "shapes": KindSpec("shapes", shapes.LAYOUTS, shapes.shapes_records,
+    "shapes": KindSpec("shapes", shapes.LAYOUTS, shapes.shapes_records, options=("square",),
                        description="PNG images of 1-3 coloured shapes with captions and QA"),
     "moving-shapes": KindSpec("moving-shapes", moving_shapes.LAYOUTS, moving_shapes.moving_shapes_records,
                               description="mp4 clips of a shape that moves or changes colour, captions and QA"),
@@ -128,7 +128,8 @@ def write_synth(
         overwrite: replace shards (and the corpus) of this split from an earlier run instead of failing.
         workers: generator processes (1 = in this process); the output does not depend on it.
         progress: called with the number of finished samples after each sample.
-        options: kind-specific (``speech``: ``noise_prob``; ``text``: ``chat``, see `text`).
+        options: kind-specific (``shapes``: ``square``; ``speech``: ``noise_prob``; ``text``: ``chat``, see
+            `shapes`, `speech`, `text`).
     """
     from mm_llama.data.shard_writer import ShardWriter
 

@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="at most this many MB (10^6 bytes) per shard file (default: no limit)")
     p.add_argument("--noise-prob", type=probability, default=0.0,
                    help="speech only: probability of adding white noise at 10-30 dB SNR to an utterance (default 0)")
+    p.add_argument("--square", action="store_true",
+                   help="shapes only: render every image at 224x224 instead of mixed aspect ratios (same scenes, "
+                        "captions and questions; a one-tile model then sees no letterbox padding)")
     p.add_argument("--chat", action="store_true",
                    help="text only: write each question/answer line of the shard documents as a Llama 3 chat turn "
                         "(<|start_header_id|>user<|end_header_id|>... <|eot_id|>, for LM pretraining with "
@@ -64,11 +67,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--noise-prob applies to the speech kind only, not {args.kind!r}")
     if args.chat and args.kind != "text":
         raise ValueError(f"--chat applies to the text kind only, not {args.kind!r}")
+    if args.square and args.kind != "shapes":
+        raise ValueError(f"--square applies to the shapes kind only, not {args.kind!r}")
     options: dict[str, object] = {}
     if args.kind == "speech":
         options["noise_prob"] = args.noise_prob
     if args.chat:
         options["chat"] = True
+    if args.square:
+        options["square"] = True
     max_bytes = None if args.max_shard_mb is None else max(1, int(args.max_shard_mb * 1_000_000))
     with tqdm(total=args.n, desc=f"synth {args.kind} {args.split}", unit="sample", disable=args.no_progress) as bar:
         def progress(done: int) -> None:

@@ -1,14 +1,20 @@
-"""`shapes` images: described colours sit at the described positions, shapes do not overlap."""
+"""`shapes` images: described colours sit at the described positions, shapes do not overlap; ``square``
+changes only the image size."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+from pathlib import Path
 
 import numpy as np
+import pytest
 
+from mm_llama.commands import synth
 from mm_llama.data.synth import grammar
-from mm_llama.data.synth.shapes import IMAGE_SIZES, POSITION_CELLS, make_shapes_sample
-from tests.data.synth.helpers import load_json, png_pixels
+from mm_llama.data.synth.shapes import IMAGE_SIZES, POSITION_CELLS, SQUARE_SIZE, make_shapes_sample
+from tests.data.synth.helpers import load_json, png_pixels, read_shards
 
 
 def _position_of(cx: int, cy: int, width: int, height: int) -> str | None:
@@ -16,10 +22,11 @@ def _position_of(cx: int, cy: int, width: int, height: int) -> str | None:
     return next((p for p, c in POSITION_CELLS.items() if c == cell), None)
 
 
-def test_pixels_match_the_description() -> None:
+@pytest.mark.parametrize("square", [False, True])
+def test_pixels_match_the_description(square: bool) -> None:
     sizes = set()
     for i in range(40):
-        s = make_shapes_sample(3, "train", i)
+        s = make_shapes_sample(3, "train", i, square=square)
         pixels = png_pixels(s.png)
         assert pixels.shape == (s.height, s.width, 3)
         sizes.add((s.width, s.height))
@@ -41,7 +48,33 @@ def test_pixels_match_the_description() -> None:
                 oa, ob = meta["objects"][a], meta["objects"][b]
                 dist = math.dist(oa["center"], ob["center"])
                 assert dist > oa["radius"] + ob["radius"], (i, oa, ob)
-    assert len(sizes) >= 3 and sizes <= set(IMAGE_SIZES)
+    assert sizes == {SQUARE_SIZE} if square else (len(sizes) >= 3 and sizes <= set(IMAGE_SIZES))
+
+
+def test_square_changes_only_the_image_size() -> None:
+    for i in range(30):
+        plain, square = make_shapes_sample(5, "train", i), make_shapes_sample(5, "train", i, square=True)
+        assert (square.width, square.height) == SQUARE_SIZE
+        assert (square.scene, square.background, square.caption) == (plain.scene, plain.background, plain.caption)
+        assert (square.qa, square.selected_qa) == (plain.qa, plain.selected_qa)
+        assert square.json_dict()["square"] is True and "square" not in plain.json_dict()
+    with pytest.raises(ValueError, match="square must be True or False, got 'yes'"):
+        make_shapes_sample(5, "train", 0, square="yes")  # type: ignore[arg-type]
+
+
+def test_command_square_flag(tmp_path: Path) -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command")
+    synth.add_parser(sub)
+    args = p.parse_args(["synth", "shapes", str(tmp_path), "--n", "6", "--square", "--no-progress"])
+    assert args.run(args) == 0
+    assert json.loads((tmp_path / "synth-shapes-train.json").read_text())["options"] == {"square": True}
+    for layout in ("image-caption", "image-qa"):
+        images = [png_pixels(files["png"]) for files in read_shards(tmp_path / layout, "train").values()]
+        assert images and {im.shape for im in images} == {(SQUARE_SIZE[1], SQUARE_SIZE[0], 3)}
+    args = p.parse_args(["synth", "text", str(tmp_path), "--n", "1", "--square"])
+    with pytest.raises(ValueError, match="--square applies to the shapes kind only"):
+        args.run(args)
 
 
 def test_large_shapes_cover_more_pixels_than_small_ones() -> None:
