@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
 from mm_llama.checkpoints.loading import llama_config_from_dir, load_llama
 from mm_llama.checkpoints.multimodal_loading import ADAPTER_FILE, adapter_state_dict, vision_config_from_dict
 from mm_llama.config import LlamaConfig, RopeScaling, preset
@@ -41,7 +42,7 @@ from mm_llama.train.recipe import RecipeConfig, RecipeError
 
 LM_TASKS = ("lm",)
 CONTRASTIVE_TASKS = ("contrastive",)
-IMAGE_TASKS = ("caption", "vqa")
+IMAGE_TASKS = ("caption", "vqa", "caption_vqa")
 MODEL_DIR = "model"  # where an lm_pretrain run exports its HF checkpoint
 ENCODER_FILE = "encoder.safetensors"  # what an image_encoder_pretrain run exports
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -294,6 +295,15 @@ def load_adapter_weights(model: MultimodalLlama, run: str | Path) -> Path:
     return file
 
 
+def init_fusion_gates(model: MultimodalLlama, value: float) -> None:
+    """Set both tanh gates of every cross-attention block to ``value`` (`model.fusion_gate_init`)."""
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, GatedCrossAttentionBlock):
+                block.gate_attn.fill_(value)
+                block.gate_ffwd.fill_(value)
+
+
 def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama:
     """Frozen base LM + image encoder + fusion, with the recipe's trainable groups."""
     model_cfg = cfg.model
@@ -314,6 +324,7 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
     mm_cfg = MultimodalConfig(text=decoder.cfg, vision=vision, encoder=model_cfg.encoder,
                               fusion_layers=tuple(model_cfg.fusion_layers))
     model = MultimodalLlama(mm_cfg, decoder=decoder)
+    init_fusion_gates(model, model_cfg.fusion_gate_init)
     check_data_geometry(cfg, model.encoder.tile_size, model.encoder.max_tiles)
     if model_cfg.encoder_checkpoint:
         load_encoder_checkpoint(model, model_cfg.encoder_checkpoint)
@@ -342,7 +353,7 @@ def build(cfg: RecipeConfig) -> Built:
 
 __all__ = [
     "Built", "ENCODER_FILE", "MODEL_DIR", "adapter_weights_of", "build", "build_llama", "build_multimodal",
-    "check_data_geometry", "encoder_weights_file", "lm_checkpoint_dir", "load_adapter_weights",
+    "check_data_geometry", "encoder_weights_file", "init_fusion_gates", "lm_checkpoint_dir", "load_adapter_weights",
     "load_encoder_checkpoint", "load_recipe_tokenizer", "resolve_recipe", "stage_kind", "text_config",
     "tokenizer_dir_for", "vision_fields",
 ]

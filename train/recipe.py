@@ -15,6 +15,7 @@ against the working directory of the run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -47,7 +48,11 @@ class ModelConfig:
     `encoder` / `vision`: the image encoder family and its config fields. `encoder_checkpoint`: a
     pretrained encoder's weights. `init_from`: a run or export whose adapter weights start this stage
     (e.g. annealing continues pretraining). `fusion_layers`: decoder layers that get cross-attention
-    (empty = every 4th). `train_*`: the stage's trainable groups (everything else is frozen); a
+    (empty = every 4th). `fusion_gate_init`: the value every new cross-attention gate parameter starts
+    at (both gates of each block; their scale is its tanh). 0 is Meta's: the new blocks start as the
+    identity, so the frozen LM is unchanged at step 0; a non-zero start lets image features reach the LM
+    from the first step, which a from-scratch encoder needs (the gates of one that sends noise would
+    otherwise stay at 0). Weights from `init_from` replace it. `train_*`: the stage's trainable groups (everything else is frozen); a
     `llama` model has the one group `decoder`, which always trains. `contrastive`: settings of
     contrastive image-encoder pretraining (`data.task: contrastive`; see `train.contrastive`):
     `embed_dim`, `pool` (cls | mean), `init_temperature`, `max_logit_scale`.
@@ -61,6 +66,7 @@ class ModelConfig:
     encoder_checkpoint: str | None = None
     init_from: str | None = None
     fusion_layers: list[int] = field(default_factory=list)
+    fusion_gate_init: float = 0.0
     train_encoder: bool = True
     train_fusion: bool = True
     train_decoder: bool = False
@@ -72,6 +78,8 @@ class ModelConfig:
             out.append("model.train_encoder, model.train_fusion and model.train_decoder are all false: "
                        "nothing would train; enable at least one")
         out += [f"model.fusion_layers has a negative index {i}" for i in self.fusion_layers if i < 0]
+        if not math.isfinite(self.fusion_gate_init):
+            out.append(f"model.fusion_gate_init must be a finite number, got {self.fusion_gate_init}")
         return out
 
     def trainable_groups(self) -> tuple[str, ...]:

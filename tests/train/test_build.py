@@ -1,0 +1,47 @@
+"""`train.build`: how a recipe's model starts (here: the cross-attention gates of `model.fusion_gate_init`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
+from mm_llama.train.build import build
+from mm_llama.train.recipe import RecipeError, load_recipe
+from mm_llama.train.trainer import run_training
+from tests.train.test_trainer_setup import Assets, assets, mm_overrides  # noqa: F401
+
+
+def _gates(model: torch.nn.Module) -> list[float]:
+    blocks = [m for m in model.modules() if isinstance(m, GatedCrossAttentionBlock)]
+    return [float(g.detach()) for b in blocks for g in (b.gate_attn, b.gate_ffwd)]
+
+
+def test_gates_start_at_fusion_gate_init(assets: Assets) -> None:  # noqa: F811
+    meta = build(load_recipe("tiny_vision_pretrain", mm_overrides(assets, model__fusion_gate_init=0.0))).model
+    assert _gates(meta) == [0.0, 0.0]  # one fusion layer: Meta's identity start
+    opened = build(load_recipe("tiny_vision_pretrain", mm_overrides(assets, model__fusion_gate_init=1.5,
+                                                                    model__fusion_layers=[0, 1]))).model
+    assert _gates(opened) == [1.5] * 4
+    # only the gates move: every other weight is what the same seed gives with closed gates
+    closed = build(load_recipe("tiny_vision_pretrain", mm_overrides(assets, model__fusion_gate_init=0.0,
+                                                                    model__fusion_layers=[0, 1]))).model
+    differ = [k for k, v in opened.state_dict().items() if not torch.equal(v, closed.state_dict()[k])]
+    assert differ and all(k.endswith(("gate_attn", "gate_ffwd")) for k in differ)
+
+
+def test_weights_from_init_from_replace_the_gate_init(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
+    first = run_training(load_recipe("tiny_vision_pretrain", mm_overrides(assets, steps=2, model__fusion_gate_init=0.5)),
+                         tmp_path / "first")
+    trained = _gates(first.model)
+    assert trained != [0.5, 0.5]  # the gates trained
+    cfg = load_recipe("tiny_vision_pretrain", mm_overrides(assets, model__fusion_gate_init=3.0,
+                                                           model__init_from=str(first.run_dir)))
+    assert _gates(build(cfg).model) == trained
+
+
+def test_fusion_gate_init_must_be_finite(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"model\.fusion_gate_init must be a finite number, got inf"):
+        load_recipe("tiny_vision_pretrain", ["model.fusion_gate_init=.inf"])
