@@ -95,7 +95,9 @@ __all__ = [
     "video_text_loader",
 ]
 
-IMAGE_TASKS = ("caption", "vqa")
+IMAGE_TASKS = ("caption", "vqa", "caption_vqa")
+"""``caption_vqa`` mixes both: a record whose KEY.json has a ``question`` is a VQA sample, any other a
+caption sample, so image-caption and image-qa shards listed together train one adapter on both."""
 VIDEO_TASKS = ("video_caption", "video_qa")
 AUDIO_TASKS = ("asr", "ast")
 
@@ -308,9 +310,11 @@ class _Processor:
         self.media = media
         self.config = config
 
-    def tokenize(self, recorder: StatsRecorder, fields: Mapping[str, Any]) -> Example:
+    def tokenize(self, recorder: StatsRecorder, fields: Mapping[str, Any], task: str | None = None) -> Example:
+        """``fields`` as a prompt + response of ``task`` (default: the processor's)."""
         with _Timer(recorder, "tokenize", "bad_field"):
-            return build_example(self.tokenizer, self.media, self.task, fields, max_len=self.config.max_seq_len)
+            return build_example(self.tokenizer, self.media, task or self.task, fields,
+                                 max_len=self.config.max_seq_len)
 
     def augment(self, value: Any) -> Any:
         return value if self.config.augment is None else self.config.augment(value)
@@ -350,10 +354,11 @@ class _ImageProcessor(_Processor):
         ext, data = _member(sample, IMAGE_EXTENSIONS, "image")
         with _Timer(recorder, "decode", "bad_metadata"):
             text, meta = _metadata(sample)
-        fields: dict[str, Any] = {"caption": _caption(text, meta)} if self.task == "caption" else _question_answer(meta)
-        if self.prompt is not None:
+        task = self.task if self.task != "caption_vqa" else "vqa" if "question" in meta else "caption"
+        fields: dict[str, Any] = {"caption": _caption(text, meta)} if task == "caption" else _question_answer(meta)
+        if self.prompt is not None and task == "caption":
             fields["prompt"] = self.prompt
-        example = self.tokenize(recorder, fields)
+        example = self.tokenize(recorder, fields, task)
         with _Timer(recorder, "decode", "decode_image"):
             image = decode_image(data, f"{source}.{ext}")
         with _Timer(recorder, "transform", "transform"):
@@ -661,7 +666,8 @@ def image_text_loader(
     media: MediaTokens | None = None,
 ) -> Loader[ImageTextBatch]:
     """Image-text batches for `task` ``"caption"`` (caption from ``KEY.txt`` or ``caption`` in
-    ``KEY.json``) or ``"vqa"`` (``question`` / ``answer`` in ``KEY.json``).
+    ``KEY.json``), ``"vqa"`` (``question`` / ``answer`` in ``KEY.json``) or ``"caption_vqa"`` (per record:
+    vqa when its KEY.json has a ``question``, else caption).
 
     Each sample's image becomes `config.max_tiles`-bounded tiles of `config.tile_size` (Llama 3.2 Vision
     tiling) and its text one ``<|image|>`` prompt in the Llama 3 chat format (`prompt` overrides the

@@ -146,12 +146,13 @@ class ContrastiveTask(Task):
 
 
 TASK_FAMILIES: dict[str, Callable[..., Task]] = {
-    "lm": LMTask, "caption": ImageTextTask, "vqa": ImageTextTask, "contrastive": ContrastiveTask,
+    "lm": LMTask, "caption": ImageTextTask, "vqa": ImageTextTask, "caption_vqa": ImageTextTask,
+    "contrastive": ContrastiveTask,
 }
 
 
 def task_for(name: str, device: torch.device, precision: str = "auto") -> Task:
-    """The step function of `data.task` (`lm`, `caption`, `vqa`, `contrastive`)."""
+    """The step function of `data.task` (`lm`, `caption`, `vqa`, `caption_vqa`, `contrastive`)."""
     if name not in TASK_FAMILIES:
         raise ValueError(f"no training step for data.task={name!r}; known: {sorted(TASK_FAMILIES)}")
     return TASK_FAMILIES[name](device, precision)

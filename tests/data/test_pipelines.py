@@ -216,6 +216,27 @@ def test_vqa_round_trip_with_jpeg(tmp_path: Path) -> None:
         assert "what colour is the circle?" in text_of(batch.text, b)
 
 
+def test_caption_vqa_reads_each_record_as_its_json_says(tmp_path: Path) -> None:
+    """`caption_vqa`: image-qa records (a ``question`` in KEY.json) train the answer, image-caption records
+    the caption; both kinds of shard in one list, one batch stream."""
+    captions = write_shards(tmp_path / "caption", [image_sample(i, "caption") for i in range(3)])
+    questions = write_shards(tmp_path / "qa", [image_sample(i, "vqa") for i in range(4)])
+    loader = image_text_loader(config(captions + questions, batch_size=8, shuffle=False), tokenizer(), task="caption_vqa")
+    batches, sources = collect(loader)
+    assert len(sources) == 7 and len(batches) == 1
+    tok, text = tokenizer(), batches[0].text
+    check_text(text)
+    responses = [labelled_text(tok, text.input_ids[b], text.labels[b]) for b in range(7)]
+    prompts = [text_of(text, b) for b in range(7)]
+    for b, source in enumerate(sources):
+        if "/caption/" in source:
+            i = int(source.rsplit(":", 1)[1])
+            assert responses[b] == f"a red circle {i}" and "Describe this image in one sentence." in prompts[b]
+        else:
+            assert responses[b] == "red" and "what colour is the circle?" in prompts[b]
+    assert sum("/caption/" in s for s in sources) == 3
+
+
 def test_img2dataset_layout_loads(tmp_path: Path) -> None:
     """img2dataset: `00000.tar` … with 9-digit keys, KEY.jpg + KEY.txt + KEY.json (url, key, status, sizes),
     plus `.parquet` and `_stats.json` files beside the shards."""
