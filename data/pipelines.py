@@ -751,8 +751,8 @@ def audio_text_loader(
 def loader_for_task(
     task: str, config: LoaderConfig, tokenizer: Tokenizer | str | os.PathLike[str], **options: Any
 ) -> Loader[Any]:
-    """The family's loader for `task` (caption, vqa, video_caption, video_qa, asr, ast); `options`
-    go to that family's function (e.g. ``num_frames=``, ``max_batch_seconds=``, ``prompt=``)."""
+    """The family's loader for `task` (caption, vqa, caption_vqa, video_caption, video_qa, asr, ast);
+    `options` go to that family's function (e.g. ``num_frames=``, ``max_batch_seconds=``, ``prompt=``)."""
     if task in IMAGE_TASKS:
         return image_text_loader(config, tokenizer, task=task, **options)
     if task in VIDEO_TASKS:

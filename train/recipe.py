@@ -95,8 +95,8 @@ class DataConfig:
     """What a data loader needs; names follow `mm_llama.data.pipelines.LoaderConfig` and `loader_for_task`.
 
     `shards` / `eval_shards`: shard paths, brace patterns, directories or globs (a single string is a
-    one-element list); `task`: caption, vqa, video_caption, video_qa, asr, ast, lm, …; `batch_size`:
-    per rank and per micro-step; `resampled`: draw shards with replacement (endless; bound an epoch with
+    one-element list); `task`: caption, vqa, caption_vqa, video_caption, video_qa, asr, ast, lm, …;
+    `batch_size`: per rank and per micro-step; `resampled`: draw shards with replacement (endless; bound an epoch with
     `samples_per_epoch`, per rank); `shuffle` / `shuffle_buffer`: shard and sample shuffling;
     `max_skip_fraction`: stop when more undecodable samples than this are skipped (checked after
     `min_samples_before_check`); `tile_size` / `max_tiles`: image tiling (tile_size null = the model's);

@@ -56,10 +56,13 @@ def test_quick_demo_writes_every_stage_output(demo) -> None:
     config = load_recipe(out / "lm" / "config.yaml")
     assert config.data.options == {"allow_special": True} and config.train.steps == 3
     adapter = load_recipe(out / "vision" / "config.yaml")
-    assert adapter.data.task == "vqa" and all("image-qa/train-" in s for s in adapter.data.shards)
+    assert adapter.data.task == "caption_vqa"  # both layouts: questions and captions
+    assert {Path(s).parent.name for s in adapter.data.shards} == {"image-qa", "image-caption"}
     for name in EVALS:
         data = json.loads((out / "eval" / f"{name}.json").read_text())
         assert data["settings"]["blank_images"] == name.endswith("blank") and data["records"]
+    # the demo's images are square (DemoSettings.square_images): one tile, no letterbox padding
+    assert json.loads((out / "data" / "synth-shapes-train.json").read_text())["options"] == {"square": True}
 
 
 def test_metrics_json_has_every_number_in_range(demo) -> None:
@@ -146,15 +149,14 @@ def test_settings_are_validated_and_their_overrides_fit_the_recipes() -> None:
         load_recipe("tiny_image_encoder_pretrain", override_args(settings.encoder))
         for stage in settings.adapter_stages:
             load_recipe(stage.recipe, override_args(stage.overrides))
-    two = DemoSettings(adapter_stages=[AdapterStage("vqa"), AdapterStage("caption", "caption", "image-caption",
-                                                                            init_from="vqa")])
+    two = DemoSettings(adapter_stages=[AdapterStage("vqa"), AdapterStage("caption", "caption", init_from="vqa")])
     assert two.problems() == [] and two.training_stages == ["lm", "encoder", "vqa", "caption"]
-    bad = DemoSettings(train_images=0, vocab_size=100, lm={"train.steps=3": 1},
-                       adapter_stages=[AdapterStage("lm"), AdapterStage("b", "caption", "image-qa", init_from="c")])
+    bad = DemoSettings(train_images=0, vocab_size=100, lm={"train.steps=3": 1}, square_images="yes",  # type: ignore[arg-type]
+                       adapter_stages=[AdapterStage("lm"), AdapterStage("b", "captions", init_from="c")])
     problems = "\n".join(bad.problems())
     for text in ("train_images must be a positive integer, got 0", "vocab_size must be an integer >= 257",
-                 "'train.steps=3' is not a dotted recipe key", "name is taken", "task 'caption' does not read",
-                 "init_from 'c' is not an earlier adapter stage"):
+                 "'train.steps=3' is not a dotted recipe key", "name is taken", "task must be one of ['vqa', 'caption', 'caption_vqa'], got 'captions'",
+                 "init_from 'c' is not an earlier adapter stage", "square_images must be true or false, got 'yes'"):
         assert text in problems
     with pytest.raises(DemoError, match="invalid demo settings"):
         run_demo(bad, "unused")

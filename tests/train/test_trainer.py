@@ -131,7 +131,10 @@ def test_gradient_accumulation_equals_one_large_batch(assets: Assets, tmp_path: 
         assets, steps=3, data__batch_size=2, optim__accumulation_steps=2)), tmp_path / "b")
     assert acc.history == pytest.approx(big.history, rel=1e-5)
     a, b = dict(big.model.named_parameters()), dict(acc.model.named_parameters())
-    assert max(float((a[k] - b[k]).detach().abs().max()) for k in a if a[k].requires_grad) < 1e-5
+    # Adam divides by |g|: on elements whose gradient is near its eps (1e-8), float summation-order noise
+    # moves the update by about 1 % of lr (measured: 4e-5 at lr 3e-3 on patch_embed; 6e-7 with gates at 0,
+    # which block every gradient behind them). A wrong accumulation shows in the loss history above.
+    assert max(float((a[k] - b[k]).detach().abs().max()) for k in a if a[k].requires_grad) < 0.05 * 3e-3
 
 
 def test_an_existing_run_needs_resume(mm_run) -> None:
