@@ -34,6 +34,7 @@ from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
 from mm_llama.checkpoints.loading import llama_config_from_dir, load_llama
 from mm_llama.checkpoints.multimodal_loading import ADAPTER_FILE, adapter_state_dict, vision_config_from_dict
 from mm_llama.config import LlamaConfig, RopeScaling, preset
+from mm_llama.data.pipelines import IMAGE_TASKS  # the image tasks the loader reads are the ones a stage trains
 from mm_llama.fusion import fusion_schedule
 from mm_llama.model import LlamaDecoder
 from mm_llama.multimodal import MultimodalConfig, MultimodalLlama
@@ -42,7 +43,6 @@ from mm_llama.train.recipe import RecipeConfig, RecipeError
 
 LM_TASKS = ("lm",)
 CONTRASTIVE_TASKS = ("contrastive",)
-IMAGE_TASKS = ("caption", "vqa", "caption_vqa")
 MODEL_DIR = "model"  # where an lm_pretrain run exports its HF checkpoint
 ENCODER_FILE = "encoder.safetensors"  # what an image_encoder_pretrain run exports
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")

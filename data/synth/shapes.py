@@ -2,9 +2,10 @@
 
 Geometry: the image (one of `IMAGE_SIZES`, several aspect ratios; with ``square=True`` always
 `SQUARE_SIZE`) is split into a 3×3 grid; a shape at position ``left`` has its centre in the left-middle
-cell, ``top`` in the top-middle cell, ``middle`` in the centre cell, and so on. Each shape lies entirely inside its cell (so shapes never overlap and the
-position word is exact). Radii: small 18–22 % and large 38–45 % of the smaller cell side. Shapes are
-drawn without antialiasing, so the pixel at every shape's centre is exactly its colour's RGB.
+cell, ``top`` in the top-middle cell, ``middle`` in the centre cell, and so on. Each shape lies entirely
+inside its cell (so shapes never overlap and the position word is exact). Radii: small 18–22 % and large
+38–45 % of the smaller cell side. Shapes are drawn without antialiasing, so the pixel at every shape's
+centre is exactly its colour's RGB.
 
 One sample (see `make_shapes_sample`) gives two webdataset records:
 
