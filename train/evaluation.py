@@ -329,8 +329,9 @@ class EvalResult:
     skipped: one ``{"shard", "key", "reason"}`` per skipped sample or damaged shard (``key`` None).
     settings: how the run was made (shards, batch size, blank images, generation budget, ...).
     records: one dict per evaluated sample, in reading order: ``key``, ``shard``, ``prompt`` (caption)
-        or ``question`` and ``type`` (vqa), ``prediction``, ``references`` (always a list), and the
-        sample's own scores (``cider`` or ``score``, and ``exact_match``).
+        or ``question``, ``type`` and ``image_key`` (vqa; KEY.json's ``image_key`` or None), ``prediction``,
+        ``references`` (always a list), and the sample's own scores (``cider`` or ``score``, and
+        ``exact_match``).
     """
 
     task: str
@@ -429,6 +430,7 @@ class _Item:
     references: list[str]
     text: str  # the question (vqa) or the instruction (caption)
     qtype: str | None = None
+    image_key: str | None = None  # vqa: KEY.json's `image_key`, the image-caption record of the same image
 
 
 def _caption_references(sample: Mapping[str, Any]) -> list[str]:
@@ -474,10 +476,12 @@ def _make_item(sample: Mapping[str, Any], task: str, tokenizer: Tokenizer, media
     if task == "caption":
         references = _caption_references(sample)
         fields: dict[str, Any] = {"prompt": prompt} if prompt is not None else {}
-        qtype = None
+        qtype = image_key = None
     else:
         question, references, qtype = _vqa_fields(sample)
         fields = {"question": question}
+        image_key = sample["json"].get("image_key")
+        image_key = image_key if isinstance(image_key, str) and image_key else None
     ids = prompt_ids(tokenizer, media, task, fields)
     if len(ids) >= max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens, leaving no room to answer within the model's "
@@ -488,7 +492,7 @@ def _make_item(sample: Mapping[str, Any], task: str, tokenizer: Tokenizer, media
     tiled = transform(image, source=sample.get("image_name"))
     text = fields.get("question") or fields.get("prompt") or DEFAULT_CAPTION_PROMPT
     return _Item(key=sample["key"], shard=sample["shard"], prompt=ids, tiled=tiled, references=references,
-                 text=text, qtype=qtype)
+                 text=text, qtype=qtype, image_key=image_key)
 
 
 def _positive(name: str, value: Any, allow_none: bool = False) -> None:
@@ -664,8 +668,8 @@ def _vqa_result(items: list[_Item], predictions: list[str], counts: dict[str, in
     for item, qtype, pred, score in zip(items, types, predictions, scores):
         answer = normalize_answer(pred)
         records.append({
-            "key": item.key, "shard": item.shard, "question": item.text, "type": qtype, "prediction": pred,
-            "references": item.references, "score": score,
+            "key": item.key, "shard": item.shard, "image_key": item.image_key, "question": item.text, "type": qtype,
+            "prediction": pred, "references": item.references, "score": score,
             "exact_match": float(any(normalize_answer(r) == answer for r in item.references)),
         })
     metrics = {

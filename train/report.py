@@ -186,20 +186,13 @@ def _samples(caption: Mapping[str, Any], caption_blank: Mapping[str, Any], vqa: 
     by_shard: dict[str, set[str]] = defaultdict(set)
     for r in shown:
         by_shard[r["shard"]].add(f"{r['key']}.png")
-    for r in vqa.get("records", []):
-        by_shard[r["shard"]].add(f"{r['key']}.json")
     members: dict[tuple[str, str], bytes] = {}
     for shard, names in by_shard.items():
         members.update({(shard, name): data for name, data in _tar_members(shard, names).items()})
     questions: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in vqa.get("records", []):
-        raw = members.get((r["shard"], f"{r['key']}.json"))
-        try:
-            image_key = json.loads(raw)["image_key"] if raw is not None else None
-        except (ValueError, KeyError, TypeError):
-            image_key = None
-        if image_key is not None:
-            questions[image_key].append({**r, "blank": blank_answers.get(r["key"])})
+        if r.get("image_key") is not None:  # the image-caption record of the question's image
+            questions[r["image_key"]].append({**r, "blank": blank_answers.get(r["key"])})
     return [{**r, "png": members.get((r["shard"], f"{r['key']}.png")), "blank": blank_captions.get(r["key"]),
              "questions": questions.get(r["key"], [])} for r in shown]
 

@@ -345,6 +345,7 @@ def test_evaluate_vqa(model_and_tokenizer, synth_dir: Path, monkeypatch: pytest.
         assert set(record) >= {"key", "question", "prediction", "references", "type", "score"}
         assert record["question"] == sample["json"]["question"]
         assert record["references"] == [sample["json"]["answer"]] and record["type"] == sample["json"]["type"]
+        assert record["image_key"] == sample["json"]["image_key"] == record["key"].rsplit("-q", 1)[0]
         # the training template, exactly
         assert prompt == prompt_ids(tok, media, "vqa", {"question": sample["json"]["question"]})
     assert set(result.by_type) <= {"count", "colour", "shape", "position", "size", "exists"}

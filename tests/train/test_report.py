@@ -35,13 +35,13 @@ def _shard(path: Path, members: dict[str, bytes]) -> str:
 @pytest.fixture()
 def evals(tmp_path: Path) -> dict[str, Path]:
     cap_shard = _shard(tmp_path / "cap.tar", {"img0.png": _png()})
-    qa_shard = _shard(tmp_path / "qa.tar", {"img0-q0.json": json.dumps({"image_key": "img0"}).encode(),
-                                            "img0-q1.json": json.dumps({"image_key": "img0"}).encode()})
+    qa_shard = str(tmp_path / "qa.tar")  # never opened: the records carry the image's key
     vqa_records = [
-        {"key": "img0-q0", "shard": qa_shard, "question": "Is <b> & \"x\" red?", "type": "colour",
-         "prediction": "<script>alert(1)</script>", "references": ["yes"], "score": 0.0, "exact_match": 0.0},
-        {"key": "img0-q1", "shard": qa_shard, "question": "How many?", "type": "count", "prediction": "2",
-         "references": ["2"], "score": 1.0, "exact_match": 1.0},
+        {"key": "img0-q0", "shard": qa_shard, "image_key": "img0", "question": "Is <b> & \"x\" red?",
+         "type": "colour", "prediction": "<script>alert(1)</script>", "references": ["yes"], "score": 0.0,
+         "exact_match": 0.0},
+        {"key": "img0-q1", "shard": qa_shard, "image_key": "img0", "question": "How many?", "type": "count",
+         "prediction": "2", "references": ["2"], "score": 1.0, "exact_match": 1.0},
     ]
     by_type = {"colour": {"samples": 1, "vqa_accuracy": 0.0, "majority_baseline": 1.0, "majority_answer": "yes"},
                "count": {"samples": 1, "vqa_accuracy": 1.0, "majority_baseline": 1.0, "majority_answer": "2"}}
