@@ -354,7 +354,9 @@ class _ImageProcessor(_Processor):
         ext, data = _member(sample, IMAGE_EXTENSIONS, "image")
         with _Timer(recorder, "decode", "bad_metadata"):
             text, meta = _metadata(sample)
-        task = self.task if self.task != "caption_vqa" else "vqa" if "question" in meta else "caption"
+        task = self.task
+        if task == "caption_vqa":  # each record is what its KEY.json says
+            task = "vqa" if "question" in meta else "caption"
         fields: dict[str, Any] = {"caption": _caption(text, meta)} if task == "caption" else _question_answer(meta)
         if self.prompt is not None and task == "caption":
             fields["prompt"] = self.prompt

@@ -381,7 +381,7 @@ class _Demo:
         from mm_llama.train.evaluation import evaluate, write_result
 
         model, tokenizer = self.eval_model()
-        layout = "image-qa" if task == "vqa" else "image-caption"
+        (layout,) = TASK_LAYOUTS[task]
         limit = self.settings.eval_vqa_samples if task == "vqa" else self.settings.eval_caption_samples
         result = evaluate(model, tokenizer, self.shards(layout, "test"), task, batch_size=self.settings.eval_batch_size,
                           max_samples=limit, blank_images=blank, progress=self.progress)

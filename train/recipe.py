@@ -52,8 +52,8 @@ class ModelConfig:
     at (both gates of each block; their scale is its tanh). 0 is Meta's: the new blocks start as the
     identity, so the frozen LM is unchanged at step 0; a non-zero start lets image features reach the LM
     from the first step, which a from-scratch encoder needs (the gates of one that sends noise would
-    otherwise stay at 0). Weights from `init_from` replace it. `train_*`: the stage's trainable groups (everything else is frozen); a
-    `llama` model has the one group `decoder`, which always trains. `contrastive`: settings of
+    otherwise stay at 0). Weights from `init_from` replace it. `train_*`: the stage's trainable groups
+    (everything else is frozen); a `llama` model has the one group `decoder`, which always trains. `contrastive`: settings of
     contrastive image-encoder pretraining (`data.task: contrastive`; see `train.contrastive`):
     `embed_dim`, `pool` (cls | mean), `init_temperature`, `max_logit_scale`.
     """

@@ -221,7 +221,8 @@ def test_caption_vqa_reads_each_record_as_its_json_says(tmp_path: Path) -> None:
     the caption; both kinds of shard in one list, one batch stream."""
     captions = write_shards(tmp_path / "caption", [image_sample(i, "caption") for i in range(3)])
     questions = write_shards(tmp_path / "qa", [image_sample(i, "vqa") for i in range(4)])
-    loader = image_text_loader(config(captions + questions, batch_size=8, shuffle=False), tokenizer(), task="caption_vqa")
+    loader = image_text_loader(config(captions + questions, batch_size=8, shuffle=False), tokenizer(),
+                               task="caption_vqa")
     batches, sources = collect(loader)
     assert len(sources) == 7 and len(batches) == 1
     tok, text = tokenizer(), batches[0].text

@@ -33,8 +33,8 @@ def test_gates_start_at_fusion_gate_init(assets: Assets) -> None:  # noqa: F811
 
 
 def test_weights_from_init_from_replace_the_gate_init(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
-    first = run_training(load_recipe("tiny_vision_pretrain", mm_overrides(assets, steps=2, model__fusion_gate_init=0.5)),
-                         tmp_path / "first")
+    cfg = load_recipe("tiny_vision_pretrain", mm_overrides(assets, steps=2, model__fusion_gate_init=0.5))
+    first = run_training(cfg, tmp_path / "first")
     trained = _gates(first.model)
     assert trained != [0.5, 0.5]  # the gates trained
     cfg = load_recipe("tiny_vision_pretrain", mm_overrides(assets, model__fusion_gate_init=3.0,

@@ -151,11 +151,13 @@ def test_settings_are_validated_and_their_overrides_fit_the_recipes() -> None:
             load_recipe(stage.recipe, override_args(stage.overrides))
     two = DemoSettings(adapter_stages=[AdapterStage("vqa"), AdapterStage("caption", "caption", init_from="vqa")])
     assert two.problems() == [] and two.training_stages == ["lm", "encoder", "vqa", "caption"]
-    bad = DemoSettings(train_images=0, vocab_size=100, lm={"train.steps=3": 1}, square_images="yes",  # type: ignore[arg-type]
+    bad = DemoSettings(train_images=0, vocab_size=100, lm={"train.steps=3": 1},
+                       square_images="yes",  # type: ignore[arg-type]
                        adapter_stages=[AdapterStage("lm"), AdapterStage("b", "captions", init_from="c")])
     problems = "\n".join(bad.problems())
     for text in ("train_images must be a positive integer, got 0", "vocab_size must be an integer >= 257",
-                 "'train.steps=3' is not a dotted recipe key", "name is taken", "task must be one of ['vqa', 'caption', 'caption_vqa'], got 'captions'",
+                 "'train.steps=3' is not a dotted recipe key", "name is taken",
+                 "task must be one of ['vqa', 'caption', 'caption_vqa'], got 'captions'",
                  "init_from 'c' is not an earlier adapter stage", "square_images must be true or false, got 'yes'"):
         assert text in problems
     with pytest.raises(DemoError, match="invalid demo settings"):
