@@ -1,17 +1,23 @@
-# Set-up is idempotent: the venv is built once, and reinstalled only when pyproject.toml changes.
+# Set-up is idempotent: the venv is built once, and rebuilt only when the lock or pyproject.toml changes.
+# Every package comes from requirements.lock (exact versions and hashes), so a new release on the registry
+# cannot change what a fresh machine installs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mm-llama-installed
+# uv resolves the lock (`make lock`); it is a well-kept resolver that writes one universal, hashed file.
+UV_VERSION := 0.13.9
+LOCK_TOOLS := .lock-tools
 
-.PHONY: install test demo clean
+.PHONY: install test demo lock clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -24,5 +30,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mm-llama demo --out runs/demo --overwrite
 
+# Re-resolve requirements.lock after a change to the dependencies in pyproject.toml (needs the network):
+# the newest releases that satisfy pyproject.toml and requirements-build.in, for Python 3.11 on every platform.
+lock:
+	test -x $(LOCK_TOOLS)/bin/uv || ($(PYTHON) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install --quiet uv==$(UV_VERSION))
+	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml requirements-build.in --extra test --universal \
+		--python-version 3.11 --generate-hashes --custom-compile-command "make lock" -o requirements.lock
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(LOCK_TOOLS) runs build *.egg-info
