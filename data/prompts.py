@@ -236,7 +236,7 @@ def prompt_ids(tok: Tokenizer, media: MediaTokens, task: str, fields: Mapping[st
     chat=True)``. Raises ValueError for an unknown task or a missing / non-string prompt field.
     """
     system, media_ids, text = _prompt_parts(media, task, fields)
-    _check_media(tok, media)
+    media.check_tokenizer(tok)
     ids = [tok.bos_id]
     if system is not None:
         ids += tok.encode_message("system", system)
@@ -361,9 +361,3 @@ def _nonempty(text: str, what: str) -> str:
     return text
 
 
-def _check_media(tok: Tokenizer, media: MediaTokens) -> None:
-    if media.vocab_size < tok.vocab_size:
-        raise ValueError(
-            f"media token ids start at {media.vocab_size} but the tokenizer uses ids up to {tok.vocab_size - 1}; "
-            f"build MediaTokens with the LM's vocabulary size (>= {tok.vocab_size})"
-        )

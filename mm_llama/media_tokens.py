@@ -8,6 +8,10 @@ positions are always −100.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mm_llama.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -39,3 +43,17 @@ class MediaTokens:
 
     def all(self) -> frozenset[int]:
         return frozenset({self.image, self.video, self.speech_start, self.speech_end, self.speech})
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Raise ValueError unless `tokenizer`'s text ids all lie below these media ids and the `<|image|>` it
+        may list (Llama 3.2 Vision's tokenizer.json, Meta's tiktoken convention) is this model's image id."""
+        if self.vocab_size < tokenizer.vocab_size:
+            raise ValueError(
+                f"media token ids start at {self.vocab_size} but the tokenizer's text vocabulary uses ids up to "
+                f"{tokenizer.vocab_size - 1}; build MediaTokens with the LM's vocabulary size (>= {tokenizer.vocab_size})"
+            )
+        if tokenizer.image_id is not None and tokenizer.image_id != self.image:
+            raise ValueError(
+                f"the tokenizer ({tokenizer.source}) lists <|image|> as id {tokenizer.image_id} but the model's image "
+                f"token is {self.image} (its text vocabulary size); use the tokenizer that belongs to this model"
+            )

@@ -27,6 +27,11 @@ NUM_RESERVED_SPECIAL_TOKENS = 256
 TIKTOKEN_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 
+# Llama 3.2 Vision's image placeholder. It is a model input only (a trainable embedding row after the text
+# vocabulary): the published tokenizer.json lists it as an added special token at the text vocabulary size
+# (128256), and Meta's / torchtune's tiktoken tokenizers define it at the same id.
+IMAGE_TOKEN = "<|image|>"
+
 # Short names of the special tokens every Llama 3 tokenizer must define.
 REQUIRED_SPECIALS = ("begin_of_text", "end_of_text", "start_header_id", "end_header_id", "eot_id")
 CHAT_ROLES = ("system", "user", "assistant", "ipython", "tool")
@@ -119,7 +124,8 @@ class Tokenizer:
 
     Build it with :meth:`from_path`, :meth:`from_dir`, :meth:`from_tiktoken_model` or
     :meth:`from_tokenizer_json`. Ids of the base vocabulary are ``0 .. n_base - 1``; special tokens
-    follow (``bos_id == n_base`` for Meta's layout).
+    follow (``bos_id == n_base`` for Meta's layout). A ``<|image|>`` listed right after the text vocabulary
+    (Llama 3.2 Vision) is a media token: :attr:`image_id` gives it, and :attr:`vocab_size` leaves it out.
     """
 
     def __init__(
@@ -139,7 +145,11 @@ class Tokenizer:
         self.backend = backend
         self.source = source
         self.special_tokens: dict[str, int] = dict(special_tokens)
-        self._vocab_size = int(vocab_size)
+        self._n_ids = int(vocab_size)
+        image = self.special_tokens.get(IMAGE_TOKEN)
+        # <|image|> at the end of the id range is a model input after the text vocabulary, not a text token
+        self._image_id = image if image is not None and image == self._n_ids - 1 else None
+        self._vocab_size = self._n_ids - (self._image_id is not None)
         self._special_ids = frozenset(self.special_tokens.values())
         self._headers: dict[str, list[int]] = {}
         self._enc = tiktoken_encoding
@@ -185,17 +195,18 @@ class Tokenizer:
             )
         names = llama3_special_token_names()
         specials = {name: n_base + i for i, name in enumerate(names)}
+        specials[IMAGE_TOKEN] = n_base + len(names)  # Meta's Llama 3.2 Vision convention (128256)
         enc = tiktoken.Encoding(
             name=path.stem,
             pat_str=LLAMA3_PATTERN,
             mergeable_ranks=ranks,
             special_tokens=specials,
-            explicit_n_vocab=n_base + len(names),
+            explicit_n_vocab=n_base + len(specials),
         )
         return cls(
             backend="tiktoken",
             special_tokens=specials,
-            vocab_size=n_base + len(names),
+            vocab_size=n_base + len(specials),
             source=path,
             tiktoken_encoding=enc,
         )
@@ -299,10 +310,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         """Text of ``ids``; invalid UTF-8 becomes U+FFFD. ``skip_special`` drops special tokens."""
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self._vocab_size]
+        bad = [i for i in ids if not 0 <= i < self._n_ids]
         if bad:
             raise ValueError(
-                f"token id {bad[0]} out of range: this tokenizer has ids 0..{self._vocab_size - 1}"
+                f"token id {bad[0]} out of range: this tokenizer has ids 0..{self._n_ids - 1}"
             )
         if skip_special:
             ids = [i for i in ids if i not in self._special_ids]
@@ -332,8 +343,15 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Base vocabulary plus special tokens (128256 for Llama 3)."""
+        """Text vocabulary: base tokens plus special tokens (128256 for Llama 3), the rows of the LM's output
+        head. A trailing ``<|image|>`` (see :attr:`image_id`) is not counted."""
         return self._vocab_size
+
+    @property
+    def image_id(self) -> int | None:
+        """``<|image|>`` when the tokenizer lists it right after the text vocabulary (128256 in Llama 3.2
+        Vision's tokenizer.json and in Meta's tiktoken convention); None when it does not list it."""
+        return self._image_id
 
     @property
     def bos_id(self) -> int:

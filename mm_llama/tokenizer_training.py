@@ -18,6 +18,7 @@ from typing import Any
 
 from mm_llama.tokenizer import (
     HF_FILE,
+    IMAGE_TOKEN,
     LLAMA3_PATTERN,
     TIKTOKEN_FILE,
     llama3_special_token_names,
@@ -104,7 +105,7 @@ def _llama3_pre_tokenizer() -> Any:
 
 
 def _build_hf_tokenizer(ranks: Mapping[bytes, int]) -> Any:
-    """A Llama 3-layout ``tokenizers.Tokenizer`` for the base vocabulary ``ranks`` + 256 specials."""
+    """A Llama 3-layout ``tokenizers.Tokenizer`` for the base vocabulary ``ranks`` + 256 specials + ``<|image|>``."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     vocab = {_token_str(tok): rank for tok, rank in ranks.items()}
@@ -117,8 +118,9 @@ def _build_hf_tokenizer(ranks: Mapping[bytes, int]) -> Any:
     tok.pre_tokenizer = _llama3_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     names = llama3_special_token_names()
+    # + <|image|> right after them, where the published Llama 3.2 Vision tokenizer.json has it
     tok.add_special_tokens(
-        [AddedToken(n, special=True, normalized=False, lstrip=False, rstrip=False) for n in names]
+        [AddedToken(n, special=True, normalized=False, lstrip=False, rstrip=False) for n in names + [IMAGE_TOKEN]]
     )
     bos = names[0]
     # Like Meta's tokenizer.json: BOS is added when a caller asks transformers for special tokens.
@@ -149,7 +151,8 @@ def train_llama3_tokenizer(
     """Train a Llama 3-style byte-level BPE on ``texts``; write ``tokenizer.json`` and ``tokenizer.model``.
 
     ``vocab_size`` is the base BPE vocabulary (the 256 bytes + merges, at least 257); the 256 Llama 3.1
-    special tokens come after it, so the model's vocabulary is ``n_base + 256``. A corpus too small to
+    special tokens come after it, so the model's vocabulary is ``n_base + 256`` (``<|image|>``, a model input
+    only, follows at ``n_base + 256`` as in Llama 3.2 Vision's tokenizer). A corpus too small to
     supply enough merges gives a smaller ``n_base`` (with a warning). Returns ``out_dir``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -148,8 +148,9 @@ def test_training_writes_both_formats(tok_dir: Path, tk: Tokenizer, hf: Tokenize
     assert spec["model"]["type"] == "BPE" and spec["model"]["ignore_merges"] is True
     assert sorted(spec["model"]["vocab"].values()) == list(range(N_BASE))
     added = spec["added_tokens"]
-    assert [a["content"] for a in added] == llama3_special_token_names()
-    assert [a["id"] for a in added] == list(range(N_BASE, N_BASE + 256))
+    # the 256 Llama 3.1 specials, then <|image|> where the published Llama 3.2 Vision tokenizer.json has it
+    assert [a["content"] for a in added] == llama3_special_token_names() + ["<|image|>"]
+    assert [a["id"] for a in added] == list(range(N_BASE, N_BASE + 257))
     assert all(a["special"] for a in added)
 
 
@@ -270,8 +271,9 @@ def test_decode_invalid_utf8_gives_replacement_char(both: dict[str, Tokenizer], 
 @BACKENDS
 def test_decode_rejects_out_of_range_ids(both: dict[str, Tokenizer], backend: str) -> None:
     tok = both[backend]
-    with pytest.raises(ValueError, match=str(tok.vocab_size)):
-        tok.decode([1, tok.vocab_size])
+    assert tok.decode([tok.vocab_size]) == "<|image|>"  # the media token after the text vocabulary decodes
+    with pytest.raises(ValueError, match=str(tok.vocab_size + 1)):
+        tok.decode([1, tok.vocab_size + 1])
 
 
 # ---------------------------------------------------------------------------------- long inputs
@@ -321,7 +323,8 @@ def test_special_token_layout(both: dict[str, Tokenizer], backend: str) -> None:
     for name, offset in SPECIAL_OFFSETS.items():
         assert tok.special_id(name) == N_BASE + offset, name
         assert tok.special_id(f"<|{name}|>") == N_BASE + offset, name
-    assert len(tok.special_tokens) == 256
+    assert len(tok.special_tokens) == 257  # the 256 Llama 3.1 specials and <|image|>
+    assert tok.image_id == tok.special_id("image") == N_BASE + 256 == tok.vocab_size
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (N_BASE, N_BASE + 1, N_BASE + 4)
     assert (tok.eom_id, tok.eot_id) == (N_BASE + 8, N_BASE + 9)
     assert tok.stop_ids == frozenset({N_BASE + 1, N_BASE + 8, N_BASE + 9})
@@ -373,10 +376,10 @@ def test_decode_with_and_without_skip_special(both: dict[str, Tokenizer], backen
 @BACKENDS
 def test_unknown_special_name_is_a_clear_error(both: dict[str, Tokenizer], backend: str) -> None:
     tok = both[backend]
-    with pytest.raises(UnknownSpecialTokenError, match=r"unknown special token 'image'.*eot_id") as e:
-        tok.special_id("image")
+    with pytest.raises(UnknownSpecialTokenError, match=r"unknown special token 'video'.*eot_id") as e:
+        tok.special_id("video")
     assert isinstance(e.value, KeyError)
-    assert "<|image|>" in str(e.value)
+    assert "<|video|>" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------- chat template

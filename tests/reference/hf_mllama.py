@@ -116,19 +116,20 @@ def make_images(grids: list[list[tuple[int, int]]], seed: int = 0) -> Images:
     return Images(pixels, ids, mask, [[h * w for h, w in s] for s in grids])
 
 
-def hf_cross_attention_mask(tokens: torch.Tensor, images: Images) -> torch.Tensor:
+def hf_cross_attention_mask(tokens: torch.Tensor, images: Images, image_token: int = IMAGE) -> torch.Tensor:
     """`[B, T, N, tiles]` built by transformers' own processor helpers."""
-    sparse = [get_cross_attention_token_mask(row, IMAGE) for row in tokens.tolist()]
+    sparse = [get_cross_attention_token_mask(row, image_token) for row in tokens.tolist()]
     dense = torch.from_numpy(convert_sparse_cross_attention_mask_to_dense(sparse, images.num_tiles, MAX_TILES, tokens.shape[1]))
     if dense.shape[2] < images.pixels.shape[1]:  # transformers builds no slot for padding images
         dense = torch.nn.functional.pad(dense, (0, 0, 0, images.pixels.shape[1] - dense.shape[2]))
     return dense
 
 
-def hf_logits(model, tokens: torch.Tensor, images: Images, *, meta_row_mask: bool = False) -> torch.Tensor:
+def hf_logits(model, tokens: torch.Tensor, images: Images, *, meta_row_mask: bool = False,
+              image_token: int = IMAGE) -> torch.Tensor:
     """HF logits. With `meta_row_mask`, forward hooks zero each cross-attention output on text rows that see
     no image, which is Meta's reference behaviour (transformers zeroes only the FFN there: issue 39379)."""
-    dense = hf_cross_attention_mask(tokens, images)
+    dense = hf_cross_attention_mask(tokens, images, image_token)
     rows = dense.flatten(2).any(-1)[..., None].float()  # [B, T, 1]
     hooks = []
     if meta_row_mask:
