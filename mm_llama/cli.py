@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 from mm_llama.commands import PARSERS
+
+# Set to 1 to see the Python traceback of an unexpected error instead of its one-line summary.
+TRACEBACK_ENV = "MM_LLAMA_TRACEBACK"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,14 +24,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    return " ".join(str(message).split()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Every error ends as one line on stderr: bad input (ValueError, missing or
+    unreadable files) exits 2; anything unexpected exits 1 and says how to see its traceback."""
     args = build_parser().parse_args(argv)
+    prefix = f"mm-llama {args.command}"
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"mm-llama {args.command}: error: {message}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as e:
+        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        print(f"{prefix}: internal error: {type(e).__name__}: {_one_line(e)} (a bug: please report it with the "
+              f"traceback that {TRACEBACK_ENV}=1 prints)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

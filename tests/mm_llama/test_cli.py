@@ -73,3 +73,35 @@ def test_generate_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys: py
 def test_generate_rejects_a_prompt_longer_than_the_model(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--checkpoint", str(tiny_dir), "--prompt", "red " * 400]) == 2
     assert "256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "meta"])
+def test_unknown_device_is_one_line(tiny_dir: Path, device: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--checkpoint", str(tiny_dir), "--prompt", "hi", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"unknown device '{device}'" in err and "use cpu, cuda" in err
+
+
+def test_an_unexpected_error_is_one_line_unless_the_traceback_is_asked_for(
+        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from mm_llama.commands import generate as generate_command
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something\ninside broke")
+
+    monkeypatch.setattr(generate_command, "load_llama", broken)
+    argv = ["generate", "--checkpoint", str(tiny_dir), "--prompt", "hi"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "mm-llama generate: internal error: RuntimeError: something inside broke" in err and "MM_LLAMA_TRACEBACK=1" in err
+    monkeypatch.setenv("MM_LLAMA_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="inside broke"):
+        main(argv)
+
+
+def test_an_os_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.json").mkdir()  # a folder where the config file should be
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mm-llama generate: error:")
