@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mm_llama.checkpoints.files import iter_safetensors, read_json_object
 from mm_llama.checkpoints.state_dict import CheckpointError
-from mm_llama.config import LlamaConfig
+from mm_llama.config import LlamaConfig, show_value
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -46,6 +46,17 @@ def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def unpermute_checked(key: str, w: torch.Tensor, n_heads: int, cfg: LlamaConfig, source: Path) -> torch.Tensor:
+    """`unpermute_from_hf` after checking that `w` can be a q/k projection of `n_heads` heads."""
+    if w.ndim != 2 or w.shape[0] % (2 * n_heads):
+        raise CheckpointError(
+            f"{source}: tensor {key!r} has shape {tuple(w.shape)}, which cannot be a q/k projection of {n_heads} "
+            f"heads (its row count must be a multiple of 2*{n_heads}; the config expects "
+            f"({n_heads * cfg.head_dim}, {cfg.dim})); does config.json match these weights?"
+        )
+    return unpermute_from_hf(w, n_heads)
+
+
 def hf_key_to_ours(key: str) -> str | None:
     """Our parameter name for an HF key, or None when the key is not part of a Llama decoder."""
     if key in TOP_NAMES:
@@ -68,20 +79,14 @@ def ours_key_to_hf(key: str) -> str:
 
 
 def safetensors_files(directory: Path) -> list[Path]:
-    """The weight files of an HF checkpoint directory (single file or the shards an index names)."""
+    """The weight files of an HF checkpoint directory (single file or the shards an index names).
+
+    An index may name shards only inside `directory` (no absolute paths, no `..`); symlinks are followed,
+    as in the Hugging Face cache, where snapshot files link to `../../blobs/`.
+    """
     index = directory / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index} has no 'weight_map'; the sharded checkpoint index is corrupt")
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise CheckpointError(
-                f"{index} names shard file(s) that are not in {directory}: {', '.join(absent)}; "
-                "the download is incomplete"
-            )
-        return files
+        return [directory / name for name in _shard_names(index)]
     single = directory / SINGLE_FILE
     if single.is_file():
         return [single]
@@ -92,12 +97,35 @@ def safetensors_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}{hint}")
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(key, tensor)` from safetensors files, one tensor at a time (memory-mapped reads)."""
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+def _shard_names(index: Path) -> list[str]:
+    """The distinct shard file names of a `model.safetensors.index.json`, each checked."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index}: 'weight_map' is {show_value(weight_map)}; expected a non-empty object of tensor name -> "
+            "shard file; the sharded checkpoint index is corrupt"
+        )
+    bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise CheckpointError(
+            f"{index}: weight_map entry {bad[0]!r} is {show_value(bad[1])}; expected a shard file name (a string)"
+        )
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        posix, windows = PurePosixPath(name), PureWindowsPath(name)
+        if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts + windows.parts:
+            key = next(k for k, v in weight_map.items() if v == name)
+            raise CheckpointError(
+                f"{index}: weight_map entry {key!r} names shard {name!r}, outside the checkpoint directory; "
+                "an index may only name files inside its own directory (refusing to read it)"
+            )
+    absent = [name for name in names if not (index.parent / name).is_file()]
+    if absent:
+        raise CheckpointError(
+            f"{index} names shard file(s) that are not in {index.parent}: {', '.join(absent)}; "
+            "the download is incomplete"
+        )
+    return names
 
 
 def load_hf_state_dict(directory: Path, cfg: LlamaConfig, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -116,9 +144,9 @@ def load_hf_state_dict(directory: Path, cfg: LlamaConfig, prefix: str = "") -> I
             yield key, tensor
             continue
         if ours.endswith("attention.wq.weight"):
-            tensor = unpermute_from_hf(tensor, cfg.n_heads)
+            tensor = unpermute_checked(key, tensor, cfg.n_heads, cfg, directory)
         elif ours.endswith("attention.wk.weight"):
-            tensor = unpermute_from_hf(tensor, cfg.n_kv_heads)
+            tensor = unpermute_checked(key, tensor, cfg.n_kv_heads, cfg, directory)
         yield ours, tensor
 
 

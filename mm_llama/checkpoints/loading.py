@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from mm_llama.checkpoints.files import config_errors, read_json_object
 from mm_llama.checkpoints.hf import load_hf_state_dict
 from mm_llama.checkpoints.meta import load_meta_state_dict, meta_keys
 from mm_llama.checkpoints.state_dict import CheckpointError, assign_state_dict
@@ -46,20 +46,24 @@ def llama_config_from_dir(directory: Path, max_seq_len: int | None = None) -> Ll
     """The text model's config from an HF (`config.json`) or Meta (`params.json`) checkpoint directory."""
     fmt = checkpoint_format(directory)
     if fmt == "hf":
-        hf = json.loads((directory / "config.json").read_text())
+        file = directory / "config.json"
+        hf = read_json_object(file)
         if hf.get("model_type") == "mllama":
             raise CheckpointError(
                 f"{directory} is a Llama 3.2 Vision (Mllama) checkpoint; load it with load_multimodal "
                 "(or the caption / vqa commands)"
             )
-        cfg = LlamaConfig.from_hf_dict(hf)
+        with config_errors(file):
+            cfg = LlamaConfig.from_hf_dict(hf)
     else:
-        params = json.loads((directory / "params.json").read_text())
+        file = directory / "params.json"
+        params = read_json_object(file)
         if "vision_chunk_size" in params:
             raise CheckpointError(
                 f"{directory} is a Llama 3.2 Vision Meta checkpoint; load it with load_multimodal"
             )
-        cfg = LlamaConfig.from_meta_params(params)
+        with config_errors(file):
+            cfg = LlamaConfig.from_meta_params(params)
         if "output.weight" not in meta_keys(directory):  # params.json has no tie flag (Llama 3.2 1B/3B)
             cfg = cfg.replace(tie_embeddings=True)
     return cfg.replace(max_seq_len=max_seq_len) if max_seq_len is not None else cfg

@@ -7,6 +7,7 @@ from typing import Iterator, Mapping
 
 import torch
 
+from mm_llama.checkpoints.files import load_torch_file
 from mm_llama.checkpoints.state_dict import CheckpointError
 
 _IGNORED = {"rope.freqs"}
@@ -17,6 +18,11 @@ def consolidated_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"no consolidated.*.pth files in {directory}; is this a Meta Llama checkpoint?")
+    odd = [f.name for f in files if not f.name.split(".")[1].isdigit()]
+    if odd:
+        raise CheckpointError(
+            f"{directory} holds {', '.join(odd)}; Meta shards are named consolidated.NN.pth with NN a number"
+        )
     ranks = [int(f.name.split(".")[1]) for f in files]
     if ranks != list(range(len(files))):
         raise CheckpointError(
@@ -54,16 +60,14 @@ def merge_shards(key: str, shards: list[torch.Tensor], full_shape: tuple[int, ..
 
 def meta_keys(directory: Path) -> set[str]:
     """Tensor names in the first model-parallel shard (memory-mapped, nothing is read)."""
-    return set(torch.load(consolidated_files(directory)[0], map_location="cpu", mmap=True, weights_only=True))
+    return set(load_torch_file(consolidated_files(directory)[0]))
 
 
 def load_meta_state_dict(
     directory: Path, expected_shapes: Mapping[str, torch.Size]
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Our-named tensors (Meta names are ours) merged across `consolidated.NN.pth` shards."""
-    shards = [
-        torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in consolidated_files(directory)
-    ]
+    shards = [load_torch_file(f) for f in consolidated_files(directory)]
     keys = list(shards[0])
     for i, shard in enumerate(shards[1:], start=1):
         if set(shard) != set(keys):

@@ -13,9 +13,10 @@ from typing import Any, Iterator
 
 import torch
 
-from mm_llama.checkpoints.hf import LAYER_NAMES, iter_safetensors, safetensors_files, unpermute_from_hf
+from mm_llama.checkpoints.files import iter_safetensors, load_torch_file
+from mm_llama.checkpoints.hf import LAYER_NAMES, safetensors_files, unpermute_checked
 from mm_llama.checkpoints.state_dict import CheckpointError
-from mm_llama.config import LlamaConfig
+from mm_llama.config import ConfigFields, LlamaConfig, show_value
 
 CROSS_LAYER_NAMES = {  # HF suffix inside a cross-attention layer → ours inside the fusion block
     "cross_attn.q_proj.weight": "attention.wq.weight",
@@ -50,10 +51,20 @@ def merged_to_fusion_layers(cross_attention_layers: list[int]) -> list[int]:
 
 
 def text_config_from_hf(text: dict[str, Any]) -> tuple[LlamaConfig, list[int]]:
-    """The trunk's `LlamaConfig` and fusion layer indices from an Mllama `text_config`."""
-    cross = list(text.get("cross_attention_layers") or [])
-    trunk = dict(text, num_hidden_layers=text["num_hidden_layers"] - len(cross))
-    return LlamaConfig.from_hf_dict(trunk), merged_to_fusion_layers(cross)
+    """The trunk's `LlamaConfig` and fusion layer indices from an Mllama `text_config` (ValueError naming the
+    field when it is malformed)."""
+    fields = ConfigFields(text, where="text_config", missing_hint="is this a Llama 3.2 Vision (Mllama) config.json?")
+    merged = fields.integer("num_hidden_layers")
+    cross = fields.raw("cross_attention_layers") or []
+    ok = isinstance(cross, list) and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < merged
+                                         for c in cross)
+    if not ok or len(set(cross)) != len(cross) or len(cross) >= merged:
+        raise ValueError(
+            f"'text_config.cross_attention_layers' is {show_value(cross)}; expected distinct layer indices in "
+            f"0..{merged - 1} (text_config.num_hidden_layers is {merged}, self-attention layers included)"
+        )
+    trunk = dict(text, num_hidden_layers=merged - len(cross))
+    return LlamaConfig.from_hf_dict(trunk, where="text_config"), merged_to_fusion_layers(cross)
 
 
 def load_hf_mllama_tensors(
@@ -79,7 +90,7 @@ def load_hf_mllama_tensors(
         elif rest == "norm.weight":
             yield "decoder.norm.weight", tensor
         else:
-            yield _text_layer(key, rest, tensor, text_cfg, cross)
+            yield _text_layer(key, rest, tensor, text_cfg, cross, directory)
 
 
 def _canonical(key: str) -> str | None:
@@ -91,7 +102,7 @@ def _canonical(key: str) -> str | None:
 
 
 def _text_layer(
-    key: str, rest: str, tensor: torch.Tensor, cfg: LlamaConfig, cross: list[int]
+    key: str, rest: str, tensor: torch.Tensor, cfg: LlamaConfig, cross: list[int], directory: Path
 ) -> tuple[str, torch.Tensor]:
     match = _LAYER.fullmatch(rest)
     if not match:
@@ -105,9 +116,9 @@ def _text_layer(
     if name is None:
         return key, tensor
     if name == "attention.wq.weight":
-        tensor = unpermute_from_hf(tensor, cfg.n_heads)
+        tensor = unpermute_checked(key, tensor, cfg.n_heads, cfg, directory)
     elif name == "attention.wk.weight":
-        tensor = unpermute_from_hf(tensor, cfg.n_kv_heads)
+        tensor = unpermute_checked(key, tensor, cfg.n_kv_heads, cfg, directory)
     return f"decoder.layers.{own}.{name}", tensor
 
 
@@ -132,7 +143,7 @@ def load_meta_mllama_tensors(
             f"{directory} holds {len(files)} model-parallel shards; mm-llama loads single-file Llama 3.2 "
             "Vision Meta checkpoints (11B). Convert a sharded one with transformers' Mllama converter first."
         )
-    sd = torch.load(files[0], map_location="cpu", mmap=True, weights_only=True)
+    sd = load_torch_file(files[0])
     schedule = sorted(fusion_layers)
     vision: dict[str, torch.Tensor] = {}
     for key, tensor in sd.items():
@@ -146,7 +157,7 @@ def load_meta_mllama_tensors(
             yield "decoder.tok_embeddings.fusion_embedding.weight", tensor
         elif key.startswith("text_model.cross_attention_layers."):
             index, _, rest = key[len("text_model.cross_attention_layers."):].partition(".")
-            c = int(index)
+            c = int(index) if index.isdigit() else len(schedule)
             if c >= len(schedule):
                 yield key, tensor
                 continue

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,11 +16,11 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from mm_llama.checkpoints.hf import iter_safetensors
+from mm_llama.checkpoints.files import config_errors, iter_safetensors, read_json_object
 from mm_llama.checkpoints.loading import checkpoint_format, llama_config_from_dir, llama_tensors, parse_dtype
 from mm_llama.checkpoints.mllama import load_hf_mllama_tensors, load_meta_mllama_tensors, text_config_from_hf
 from mm_llama.checkpoints.state_dict import CheckpointError, assign_state_dict
-from mm_llama.config import LlamaConfig
+from mm_llama.config import ConfigFields, LlamaConfig
 from mm_llama.fusion import fusion_schedule
 from mm_llama.multimodal import MultimodalConfig, MultimodalLlama
 
@@ -58,32 +57,43 @@ def _build(cfg: MultimodalConfig) -> MultimodalLlama:
 
 
 def _config_from_hf(directory: Path) -> tuple[MultimodalConfig, list[int]]:
-    hf = json.loads((directory / "config.json").read_text())
+    file = directory / "config.json"
+    hf = read_json_object(file)
     if hf.get("model_type") != "mllama":
         raise CheckpointError(
             f"{directory} holds a {hf.get('model_type', 'unknown')!r} model, not Llama 3.2 Vision (mllama); "
             "for a text-only Llama use `mm-llama generate`"
         )
-    text_cfg, fusion = text_config_from_hf(hf["text_config"])
-    vision = vision_config_class("mllama").from_hf_dict(hf["vision_config"])
-    cfg = MultimodalConfig(text=text_cfg, vision=vision, encoder="mllama", fusion_layers=tuple(fusion))
-    return cfg, list(hf["text_config"].get("cross_attention_layers") or [])
+    with config_errors(file):
+        fields = ConfigFields(hf, missing_hint="is this a Llama 3.2 Vision (Mllama) config.json?")
+        text, vision_fields = fields.section("text_config"), fields.section("vision_config")
+        if text is None or vision_fields is None:
+            raise ValueError(f"the config is missing the field {'text_config' if text is None else 'vision_config'!r}"
+                             "; an Mllama config.json has both text_config and vision_config objects")
+        text_cfg, fusion = text_config_from_hf(text.data)
+        vision = vision_config_class("mllama").from_hf_dict(vision_fields.data)
+        cfg = MultimodalConfig(text=text_cfg, vision=vision, encoder="mllama", fusion_layers=tuple(fusion))
+    return cfg, list(text.data.get("cross_attention_layers") or [])
 
 
 def _config_from_meta(directory: Path) -> MultimodalConfig:
-    params = json.loads((directory / "params.json").read_text())
+    file = directory / "params.json"
+    params = read_json_object(file)
     if "vision_chunk_size" not in params:
         raise CheckpointError(
             f"{directory}/params.json describes a text-only Llama (no vision_chunk_size); "
             "for it use `mm-llama generate`"
         )
-    text_cfg = LlamaConfig.from_meta_params(params)
-    fusion = fusion_schedule(text_cfg.n_layers, int(params["vision_num_cross_attention_layers"]))
-    # Meta hard-codes the ViT-H/14 shape; `vision_encoder` (an mm-llama extension) overrides it for tests.
-    vision_fields = {"tile_size": params["vision_chunk_size"], "max_tiles": params.get("vision_max_num_chunks", 4),
-                     **params.get("vision_encoder", {})}
-    vision = vision_config_from_dict("mllama", vision_fields)
-    return MultimodalConfig(text=text_cfg, vision=vision, encoder="mllama", fusion_layers=tuple(fusion))
+    with config_errors(file):
+        text_cfg = LlamaConfig.from_meta_params(params)
+        fields = ConfigFields(params, missing_hint="a Llama 3.2 Vision params.json states it")
+        fusion = fusion_schedule(text_cfg.n_layers, fields.integer("vision_num_cross_attention_layers"))
+        # Meta hard-codes the ViT-H/14 shape; `vision_encoder` (an mm-llama extension) overrides it for tests.
+        extra = fields.section("vision_encoder")
+        vision_fields = {"tile_size": fields.integer("vision_chunk_size"),
+                         "max_tiles": fields.integer("vision_max_num_chunks", 4), **(extra.data if extra else {})}
+        vision = vision_config_from_dict("mllama", vision_fields)
+        return MultimodalConfig(text=text_cfg, vision=vision, encoder="mllama", fusion_layers=tuple(fusion))
 
 
 def load_multimodal(

@@ -9,7 +9,8 @@ from torch import nn
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: missing, unknown or mis-shaped tensors, absent files."""
+    """A checkpoint that does not fit the model or cannot be read: missing, unknown, mis-shaped, non-float or
+    non-finite tensors, absent or damaged files, malformed config fields. The message is one line."""
 
 
 def _listing(keys: Iterable[str], limit: int = 8) -> str:
@@ -31,23 +32,37 @@ def assign_state_dict(
     The model's own parameters may live on the meta device: only the checkpoint's tensors are ever
     materialised, one at a time, so loading never needs twice the model's memory.
     """
-    expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
+    expected = dict(model.state_dict(keep_vars=True))
     tied = _tied_aliases(model)
     loaded: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
+    non_finite: list[str] = []
     for key, tensor in tensors:
         if key not in expected:
             unknown.append(key)
             continue
-        if tuple(tensor.shape) != tuple(expected[key]):
+        if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
                 f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} but the model expects "
-                f"{tuple(expected[key])}; does the config match these weights?"
+                f"{tuple(expected[key].shape)}; does the config match these weights?"
             )
-        loaded[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; expected floating "
+                "point weights (float32, bfloat16 or float16); the checkpoint is damaged or not a Llama checkpoint"
+            )
+        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if value.is_floating_point() and not all_finite(value):
+            non_finite.append(_non_finite_name(key, tensor, value))
+        loaded[key] = value
     if unknown:
         raise CheckpointError(
             f"{source}: {len(unknown)} unknown key(s) the model has no place for: {_listing(unknown)}"
+        )
+    if non_finite:
+        raise CheckpointError(
+            f"{source}: {len(non_finite)} tensor(s) hold NaN or Inf values: {_listing(non_finite, limit=5)}; "
+            "the checkpoint is damaged (re-download it) or was saved from a diverged run"
         )
     for alias, target in tied.items():
         if alias not in loaded and target in loaded:
@@ -59,6 +74,19 @@ def assign_state_dict(
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """No NaN or Inf in `tensor`, checked in slices so the temporary mask stays small (16 MB)."""
+    return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(chunk))
+
+
+def _non_finite_name(key: str, original: torch.Tensor, cast: torch.Tensor) -> str:
+    """`key`, noting when the values only overflowed in the cast to the load dtype."""
+    if original.dtype != cast.dtype and all_finite(original):
+        return f"{key} (finite as {str(original.dtype).removeprefix('torch.')}, overflows "  \
+               f"{str(cast.dtype).removeprefix('torch.')}; load in bfloat16 or float32)"
+    return key
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:
