@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm_llama.config import ConfigFields, show_value
 from mm_llama.encoders.base import TiledImageEncoder
 from mm_llama.encoders.tiling import num_aspect_ratio_ids, supported_aspect_ratios
 from mm_llama.encoders.vit_layers import VisionLayerStack
@@ -33,13 +34,14 @@ from mm_llama.encoders.vit_layers import VisionLayerStack
 PRE_POST_NORM_EPS = 1e-5
 
 
-def _square(value: Any, name: str) -> int:
-    """An HF size that may be `int` or `[h, w]`; only square sizes are supported."""
-    if isinstance(value, (list, tuple)):
+def _square(f: ConfigFields, key: str, default: int) -> int:
+    """An HF size that may be an int or `[h, w]`; only square sizes are supported."""
+    value = f.raw(key, default)
+    if isinstance(value, list):
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{name} must be square, got {value}")
-        value = value[0]
-    return int(value)
+            raise ValueError(f"{f.name(key)!r} is {show_value(value)}; expected a square size (one int or [n, n])")
+        return ConfigFields({key: value[0]}, where=f.where).integer(key)
+    return f.integer(key, default)
 
 
 @dataclass
@@ -64,15 +66,20 @@ class VisionConfig:
     num_channels: int = 3
 
     def __post_init__(self) -> None:
-        self.taps = tuple(int(t) for t in self.taps)
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not all(integer(t) for t in self.taps):
+            raise ValueError(f"VisionConfig.taps must be layer indices (integers), got {self.taps!r}")
+        self.taps = tuple(self.taps)
         for name in ("tile_size", "patch_size", "width", "heads", "mlp_dim", "max_tiles", "num_channels"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"VisionConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_local_layers < 0 or self.n_global_layers < 0:
-            raise ValueError(
-                f"layer counts must be >= 0, got n_local_layers={self.n_local_layers}, "
-                f"n_global_layers={self.n_global_layers}"
-            )
+            if not integer(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"VisionConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("n_local_layers", "n_global_layers"):
+            if not integer(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"VisionConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < float("inf"):
+            raise ValueError(f"VisionConfig.norm_eps must be a finite number > 0, got {self.norm_eps!r}")
         if self.tile_size % self.patch_size:
             raise ValueError(f"tile_size {self.tile_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
@@ -112,31 +119,38 @@ class VisionConfig:
         `intermediate_layers_indices` is taken as Meta's "entering layer i" indices, which is what the
         released checkpoints were trained with (transformers 5.x reads them as "leaving layer i").
         """
-        d = vision_config.get("vision_config", vision_config)
-        act = d.get("hidden_act", "gelu")
+        nested = isinstance(vision_config, dict) and "vision_config" in vision_config
+        f = ConfigFields(vision_config["vision_config"] if nested else vision_config,
+                         where="vision_config" if nested else "")
+        act = f.raw("hidden_act", "gelu")
         if act != "gelu":
             raise ValueError(f"hidden_act {act!r} is not supported; the Mllama vision encoder uses exact 'gelu'")
-        max_tiles = int(d.get("max_num_tiles", 4))
-        ratios = d.get("supported_aspect_ratios")
-        if ratios is not None and [tuple(r) for r in ratios] != list(supported_aspect_ratios(max_tiles)):
+        max_tiles = f.integer("max_num_tiles", 4)
+        ratios = f.raw("supported_aspect_ratios")
+        standard = [list(r) for r in supported_aspect_ratios(max_tiles)]
+        if ratios is not None and ratios != standard:
             raise ValueError(
-                f"supported_aspect_ratios {ratios} differ from the standard list for max_num_tiles={max_tiles} "
-                f"({list(supported_aspect_ratios(max_tiles))}); custom grids are not supported"
+                f"supported_aspect_ratios {show_value(ratios)} differ from the standard list for "
+                f"max_num_tiles={max_tiles} ({standard}); custom grids are not supported"
             )
-        heads = d.get("attention_heads", d.get("num_attention_heads", 16))
-        taps = d.get("intermediate_layers_indices")
+        heads_key = "attention_heads" if "attention_heads" in f.data else "num_attention_heads"
+        taps = f.raw("intermediate_layers_indices")
+        if taps is not None and not (isinstance(taps, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in taps)):
+            raise ValueError(f"{f.name('intermediate_layers_indices')!r} is {show_value(taps)}; "
+                             "expected a list of layer indices >= 0")
         return cls(
-            tile_size=_square(d.get("image_size", 448), "image_size"),
-            patch_size=_square(d.get("patch_size", 14), "patch_size"),
-            width=int(d.get("hidden_size", 1280)),
-            heads=int(heads),
-            mlp_dim=int(d.get("intermediate_size", 5120)),
-            n_local_layers=int(d.get("num_hidden_layers", 32)),
-            n_global_layers=int(d.get("num_global_layers", 8)),
+            tile_size=_square(f, "image_size", 448),
+            patch_size=_square(f, "patch_size", 14),
+            width=f.integer("hidden_size", 1280),
+            heads=f.integer(heads_key, 16),
+            mlp_dim=f.integer("intermediate_size", 5120),
+            n_local_layers=f.integer("num_hidden_layers", 32),
+            n_global_layers=f.integer("num_global_layers", 8, minimum=0),
             max_tiles=max_tiles,
             taps=tuple(taps if taps is not None else (3, 7, 15, 23, 30)),
-            norm_eps=float(d.get("norm_eps", 1e-5)),
-            num_channels=int(d.get("num_channels", 3)),
+            norm_eps=f.number("norm_eps", 1e-5),
+            num_channels=f.integer("num_channels", 3),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:

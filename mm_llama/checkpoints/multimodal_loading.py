@@ -71,7 +71,7 @@ def _config_from_hf(directory: Path) -> tuple[MultimodalConfig, list[int]]:
             raise ValueError(f"the config is missing the field {'text_config' if text is None else 'vision_config'!r}"
                              "; an Mllama config.json has both text_config and vision_config objects")
         text_cfg, fusion = text_config_from_hf(text.data)
-        vision = vision_config_class("mllama").from_hf_dict(vision_fields.data)
+        vision = vision_config_class("mllama").from_hf_dict(hf)  # reads hf["vision_config"], names it so
         cfg = MultimodalConfig(text=text_cfg, vision=vision, encoder="mllama", fusion_layers=tuple(fusion))
     return cfg, list(text.data.get("cross_attention_layers") or [])
 

@@ -173,6 +173,18 @@ MLLAMA_CASES = [
      r"'text_config\.cross_attention_layers' is \[\"1\"\] \(list\); expected distinct layer indices in 0\.\.5"),
     ("cross-layers-out-of-range", _set("text_config.cross_attention_layers", [1, 9]),
      r"'text_config\.cross_attention_layers' is \[1, 9\] \(list\); expected distinct layer indices"),
+    ("vision-hidden_size-str", _set("vision_config.hidden_size", "32"),
+     rf"config\.json: 'vision_config\.hidden_size' is \"32\" \(str\); {POSITIVE}"),
+    ("vision-layers-negative", _set("vision_config.num_hidden_layers", -4),
+     rf"config\.json: 'vision_config\.num_hidden_layers' is -4 \(int\); {POSITIVE}"),
+    ("vision-heads-float", _set("vision_config.attention_heads", 4.0),
+     rf"'vision_config\.attention_heads' is 4\.0 \(float\); {POSITIVE}"),
+    ("vision-image_size-list", _set("vision_config.image_size", [28, 56]),
+     r"'vision_config\.image_size' is \[28, 56\] \(list\); expected a square size"),
+    ("vision-taps-str", _set("vision_config.intermediate_layers_indices", ["1"]),
+     r"'vision_config\.intermediate_layers_indices' is \[\"1\"\] \(list\); expected a list of layer indices"),
+    ("vision-eps-nan", _set("vision_config.norm_eps", float("nan")),
+     rf"'vision_config\.norm_eps' is NaN \(float\); {FINITE}"),
 ]
 
 
@@ -189,8 +201,9 @@ def test_bad_mllama_config_field(mllama_dir: Path, tmp_path: Path, change: Calla
          rf"params\.json: 'vision_num_cross_attention_layers' is 2\.0 \(float\); {POSITIVE}"),
         (_set("vision_encoder", [1]), r"params\.json: 'vision_encoder' is \[1\] \(list\); expected a JSON object"),
         (_set("dim", -64), rf"params\.json: 'dim' is -64 \(int\); {POSITIVE}"),
+        (_set("vision_encoder", {"width": "32"}), r"params\.json: VisionConfig\.width must be an integer >= 1, got '32'"),
     ],
-    ids=["chunk-size-str", "cross-layers-float", "vision-encoder-list", "dim-negative"],
+    ids=["chunk-size-str", "cross-layers-float", "vision-encoder-list", "dim-negative", "vision-encoder-width-str"],
 )
 def test_bad_meta_mllama_params_field(meta_mllama_dir: Path, tmp_path: Path, change: Callable, pattern: str) -> None:
     _raises_one_line(load_multimodal, _broken(meta_mllama_dir, tmp_path / "ckpt", "params.json", change), pattern)
