@@ -47,6 +47,10 @@ class CheckpointingError(RuntimeError):
     """A training checkpoint that cannot be written or read."""
 
 
+class NoIntactCheckpointError(CheckpointingError, ValueError):
+    """A run has checkpoints, but none of them can be read (a ValueError: the CLI reports it in one line)."""
+
+
 @dataclass
 class Checkpoint:
     """What `load_checkpoint` returns; dicts are ready for `load_state_dict` / `restore_rng`."""
@@ -241,17 +245,26 @@ def latest_checkpoint(run_dir: str | Path, *, clean: bool = True) -> Path | None
     return found[-1][1] if found else None
 
 
+def _reason(err: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (torch.load's messages run long)."""
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else ""
+    first = first if len(first) <= limit else first[: limit - 1] + "…"
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def _torch_load(path: Path, map_location: str | torch.device) -> Any:
     if not path.is_file():
         return None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointingError(f"cannot read {path}: {err}") from err
+        raise CheckpointingError(f"cannot read {path}: {_reason(err)}") from err
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint directory, or the newest checkpoint of a run directory."""
+    """Read a checkpoint directory, or the newest checkpoint of a run directory. Every failure to read
+    one of its files is a `CheckpointingError` naming the file and why."""
     directory = Path(path)
     if directory.is_dir() and not (directory / STATE_FILE).is_file():
         latest = latest_checkpoint(directory, clean=False)
@@ -263,22 +276,58 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointingError(f"{directory} is not a checkpoint: {STATE_FILE} is missing")
     try:
         state = json.loads((directory / STATE_FILE).read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointingError(f"{directory / STATE_FILE} is corrupt: {err}") from err
+        step = int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointingError(f"{directory / STATE_FILE} is corrupt: {type(err).__name__}: {err}") from err
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointingError(f"{directory} has checkpoint format {state.get('format')!r}; this version reads {FORMAT_VERSION}")
     if not (directory / TRAINABLE_FILE).is_file():
         raise CheckpointingError(f"{directory} lacks {TRAINABLE_FILE}")
+    try:
+        trainable = load_file(str(directory / TRAINABLE_FILE), device=str(map_location))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError; re-raised with the file named
+        raise CheckpointingError(f"cannot read {directory / TRAINABLE_FILE}: {_reason(err)}") from err
     return Checkpoint(
         path=directory,
-        step=int(state["step"]),
-        trainable_state=load_file(str(directory / TRAINABLE_FILE), device=str(map_location)),
+        step=step,
+        trainable_state=trainable,
         optimizer=_torch_load(directory / OPTIMIZER_FILE, map_location),
         scheduler=_torch_load(directory / SCHEDULER_FILE, map_location),
         rng=_torch_load(directory / RNG_FILE, "cpu"),
         data_position=state.get("data_position", {}),
         extra=state.get("extra", {}),
     )
+
+
+def load_resumable_checkpoint(
+    run_dir: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of a run that reads completely (weights, optimizer and scheduler state), and
+    the newer ones passed over as `(path, why)`, newest first; `(None, [])` when the run has none.
+
+    Raises `NoIntactCheckpointError` (naming every checkpoint and why) when there are checkpoints but
+    none of them can be read. Nothing is deleted or renamed.
+    """
+    corrupt: list[tuple[Path, str]] = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            ckpt = load_checkpoint(path, map_location)
+        except CheckpointingError as err:
+            corrupt.append((path, str(err)))
+            continue
+        lacking = [name for name, part in ((OPTIMIZER_FILE, ckpt.optimizer), (SCHEDULER_FILE, ckpt.scheduler))
+                   if part is None]
+        if lacking:
+            corrupt.append((path, f"{path} lacks {' and '.join(lacking)}"))
+            continue
+        return ckpt, corrupt
+    if corrupt:
+        listed = "; ".join(why for _, why in corrupt)
+        raise NoIntactCheckpointError(
+            f"no checkpoint of {Path(run_dir)} can be resumed: {listed}. Start a new run with another --out, or "
+            f"move these {PREFIX}* directories away to start this one over"
+        )
+    return None, []
 
 
 def restore_training_state(
@@ -312,6 +361,6 @@ def restore_training_state(
 
 
 __all__ = [
-    "Checkpoint", "CheckpointingError", "capture_rng", "restore_training_state", "checkpoint_name", "latest_checkpoint", "list_checkpoints",
+    "Checkpoint", "CheckpointingError", "NoIntactCheckpointError", "capture_rng", "load_resumable_checkpoint", "restore_training_state", "checkpoint_name", "latest_checkpoint", "list_checkpoints",
     "load_checkpoint", "load_trainable_state", "restore_rng", "save_checkpoint", "trainable_state_dict",
 ]

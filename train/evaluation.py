@@ -53,8 +53,10 @@ __all__ = [
     "BLANK_GREY",
     "DEFAULT_MAX_NEW_TOKENS",
     "EVAL_TASKS",
+    "EmptyReferenceError",
     "EvalResult",
     "caption_tokens",
+    "check_result_path",
     "cider",
     "cider_scores",
     "evaluate",
@@ -325,7 +327,9 @@ class EvalResult:
     by_type: ``vqa`` only: per question type, ``{"samples", "vqa_accuracy", "majority_baseline",
         "majority_answer"}``.
     counts: ``samples`` (evaluated), ``skipped_samples`` (samples skipped: undecodable, missing
-        fields), ``damaged_shards`` (shards that could not be read to the end), ``shards``.
+        fields, empty references), ``damaged_shards`` (shards that could not be read to the end),
+        ``shards``, ``empty_references`` (of the skipped samples, those whose reference answer or caption
+        is empty or whitespace: training skips them as having no labelled token, so they are not scored).
     skipped: one ``{"shard", "key", "reason"}`` per skipped sample or damaged shard (``key`` None).
     settings: how the run was made (shards, batch size, blank images, generation budget, ...).
     records: one dict per evaluated sample, in reading order: ``key``, ``shard``, ``prompt`` (caption)
@@ -364,16 +368,38 @@ def write_result(
     Parent folders are created; the file is written to ``PATH.tmp`` and renamed, so a reader never
     sees half a file. Returns the path.
     """
+    out = check_result_path(path)
+    data = result.to_dict()
+    if settings:
+        data["settings"].update({k: _jsonable(v) for k, v in settings.items()})
+    try:
+        return atomic_write(out, json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    except OSError as err:
+        raise ValueError(f"cannot write the result to {str(out)!r}: {err.strerror or err}; "
+                         "choose another path") from err
+
+
+def check_result_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a result file that can be written: its folder is created; raises ValueError naming the
+    path when it is a directory, lies under a file, or its folder cannot be created. Call it before a
+    long evaluation, so that a bad ``--out`` fails at once."""
     out = Path(path)
     if out.is_dir():
         raise ValueError(
             f"result path {str(out)!r} is a directory; give a file name such as {str(out / 'eval.json')!r}"
         )
-    data = result.to_dict()
-    if settings:
-        data["settings"].update({k: _jsonable(v) for k, v in settings.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(out, json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"result path {str(out)!r} cannot be written: {str(blocking)!r} is a file, not a folder; "
+                         "choose another path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"result path {str(out)!r} cannot be written: {err.strerror or err} ({err.filename}); "
+                         "choose another path") from err
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"result path {str(out)!r} cannot be written: its folder is not writable; choose another path")
+    return out
 
 
 def _jsonable(value: Any) -> Any:
@@ -406,7 +432,9 @@ def format_metrics(result: EvalResult) -> str:
     counts = result.counts
     rows.append(("samples", str(counts.get("samples", 0))))
     if counts.get("skipped_samples") or counts.get("damaged_shards"):
-        rows.append(("skipped", f"{counts.get('skipped_samples', 0)} samples, "
+        empty = counts.get("empty_references", 0)
+        rows.append(("skipped", f"{counts.get('skipped_samples', 0)} samples"
+                                f"{f' ({empty} with an empty reference)' if empty else ''}, "
                                 f"{counts.get('damaged_shards', 0)} damaged shards"))
     width = max(len(name) for name, _ in rows)
     title = f"{result.task}{' (blank images)' if result.settings.get('blank_images') else ''}"
@@ -433,6 +461,11 @@ class _Item:
     image_key: str | None = None  # vqa: KEY.json's `image_key`, the image-caption record of the same image
 
 
+class EmptyReferenceError(ValueError):
+    """A record whose reference answer / caption is empty or whitespace: training skips it (no labelled
+    token), so evaluation skips it too and counts it (``counts["empty_references"]``)."""
+
+
 def _caption_references(sample: Mapping[str, Any]) -> list[str]:
     meta = sample["json"]
     refs: list[str] = []
@@ -444,6 +477,8 @@ def _caption_references(sample: Mapping[str, Any]) -> list[str]:
     if isinstance(extra, list):
         refs += [c.strip() for c in extra if isinstance(c, str) and c.strip() and c.strip() not in refs]
     if not refs:
+        if isinstance(sample.get("txt"), str) or isinstance(meta.get("caption"), str):
+            raise EmptyReferenceError("the reference caption is empty (training skips such records: no labelled token)")
         raise ValueError("no caption: expected a non-empty KEY.txt, a 'caption' or a 'captions' list in KEY.json")
     if not any(caption_tokens(r) for r in refs):
         raise ValueError(f"the caption {refs[0]!r:.80} has no words")
@@ -467,6 +502,9 @@ def _vqa_fields(sample: Mapping[str, Any]) -> tuple[str, list[str], str | None]:
         refs.append(meta["answer"])
     else:
         raise ValueError(f"no 'answer' string (or 'answers' list) in KEY.json (it has {sorted(meta)})")
+    refs = [r for r in refs if r.strip()]  # an empty answer has no labelled token: training skips it
+    if not refs:
+        raise EmptyReferenceError("the reference answer is empty (training skips such records: no labelled token)")
     qtype = meta.get("type", meta.get("question_type"))
     return question, refs, qtype if isinstance(qtype, str) and qtype.strip() else None
 
@@ -537,10 +575,10 @@ def evaluate(
             must match what the model was trained with.
         progress: show a tqdm progress bar.
 
-    Samples that cannot be used (undecodable image, bad json, missing question/answer/caption, a
-    tiling error) are skipped, counted and listed in ``EvalResult.skipped``; nothing in the data
-    makes this raise. Raises ValueError for bad arguments and when no sample at all could be
-    evaluated.
+    Samples that cannot be used (undecodable image, bad json, missing question/answer/caption, an
+    empty reference answer or caption — training skips those too —, a tiling error) are skipped,
+    counted and listed in ``EvalResult.skipped``; nothing in the data makes this raise. Raises
+    ValueError for bad arguments and when no sample at all could be evaluated.
     """
     if task not in EVAL_TASKS:
         raise ValueError(f"unknown eval task {task!r}; expected one of {', '.join(EVAL_TASKS)}")
@@ -589,6 +627,7 @@ def evaluate(
         pending.clear()
 
     counted_skips = 0  # skipped samples already shown on the progress bar
+    empty_references = 0  # of the skipped samples: records whose reference is empty (as training skips them)
 
     try:
         for sample in reader:
@@ -599,6 +638,7 @@ def evaluate(
                                   blank_images=blank_images, max_seq_len=model.cfg.max_seq_len)
             except ValueError as e:  # missing fields / prompt too long / tiling: skip the sample, keep going
                 reader.skip(sample["shard"], sample["key"], str(e))
+                empty_references += isinstance(e, EmptyReferenceError)
             else:
                 pending.append(item)
             bar.update(reader.samples_skipped - counted_skips)
@@ -617,6 +657,7 @@ def evaluate(
         "skipped_samples": reader.samples_skipped,
         "damaged_shards": len(reader.skipped) - reader.samples_skipped,
         "shards": len(reader.urls),
+        "empty_references": empty_references,
     }
     if not items:
         first = f"; first problem: {reader.skipped[0]}" if reader.skipped else ""

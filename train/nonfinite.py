@@ -14,13 +14,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+    """Too many consecutive optimizer steps had a non-finite loss or gradient, or the run ended on one."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """Trained tensors hold NaN or infinity; they are neither checkpointed nor exported. (A kind of
+    `NonFiniteLossError`, so that callers that stop on non-finite losses stop on this too.)"""
+
+
+def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of `state` that hold a NaN or ±inf (in `state`'s order)."""
+    return [name for name, t in state.items()
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all())]
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], what: str, advice: str) -> None:
+    """Raise `NonFiniteWeightsError` naming (up to 10 of) the tensors of `state` that are not finite.
+
+    `what` says which weights (e.g. "the weights to export to RUN/adapter.safetensors"); `advice` what
+    to do about it."""
+    bad = non_finite_tensors(state)
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise NonFiniteWeightsError(f"{len(bad)} of {len(state)} tensors of {what} hold NaN or infinity: {shown}; "
+                                    f"{advice}")
 
 
 def _as_float(value: torch.Tensor | float) -> float:
@@ -109,4 +132,7 @@ def guarded_step(
     return StepOutcome(applied, grad_norm, _as_float(loss))
 
 
-__all__ = ["NonFiniteGuard", "NonFiniteLossError", "StepOutcome", "guarded_step"]
+__all__ = [
+    "NonFiniteGuard", "NonFiniteLossError", "NonFiniteWeightsError", "StepOutcome",
+    "check_finite_weights", "guarded_step", "non_finite_tensors",
+]

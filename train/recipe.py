@@ -7,7 +7,8 @@ first; mappings merge key by key, everything else (lists included) is replaced.
 
 Validation is strict: unknown keys anywhere (in the file or in an override) are one error that names
 all of them by dotted path together with the valid keys of their section, and wrong types name the
-key, the value and the expected type. Numbers such as `1e-3` are floats (plain YAML 1.1 would read
+key, the value and the expected type; NaN and infinity (`.nan`, `.inf`) are refused wherever they occur,
+naming the key. Numbers such as `1e-3` are floats (plain YAML 1.1 would read
 them as strings). Relative paths in a recipe (shards, checkpoints) are kept as written and resolve
 against the working directory of the run.
 """
@@ -78,9 +79,7 @@ class ModelConfig:
             out.append("model.train_encoder, model.train_fusion and model.train_decoder are all false: "
                        "nothing would train; enable at least one")
         out += [f"model.fusion_layers has a negative index {i}" for i in self.fusion_layers if i < 0]
-        if not math.isfinite(self.fusion_gate_init):
-            out.append(f"model.fusion_gate_init must be a finite number, got {self.fusion_gate_init}")
-        return out
+        return out  # a non-finite fusion_gate_init is caught by non_finite_values, as every float is
 
     def trainable_groups(self) -> tuple[str, ...]:
         """The groups this stage trains (`decoder` only for `kind: llama`)."""
@@ -282,11 +281,16 @@ class RecipeConfig:
         return self.schedule.total_steps if self.schedule.total_steps is not None else self.train.steps
 
     def problems(self) -> list[str]:
-        out: list[str] = []
+        non_finite = non_finite_values(self)
+        out = [f"{key} must be a finite number, got {value}"
+           + (" (past float32's ±3.4e38: infinite once training holds it)" if math.isfinite(value) else "")
+           + "; write a finite value" + _NULL_HINT.get(key, "")
+               for key, value in non_finite]
+        bad = {key.split("[")[0] for key, _ in non_finite}
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section):
-                out += section.problems()
+            if dataclasses.is_dataclass(section):  # range checks of a non-finite key would only repeat it
+                out += [p for p in section.problems() if p.split(" ", 1)[0] not in bad]
         if self.schedule.warmup_steps > self.total_steps:
             out.append(f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds the schedule's "
                        f"{self.total_steps} steps; shorten the warm-up or raise schedule.total_steps / train.steps")
@@ -295,6 +299,26 @@ class RecipeConfig:
             if isinstance(value, dict):
                 out += [f"optim.{key}.{g} is not a parameter group; use {list(GROUPS)}" for g in value if g not in GROUPS]
         return out
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+_NULL_HINT = {"optim.grad_clip": " (null turns clipping off)", "data.max_batch_seconds": " (null = no limit)"}
+
+
+def non_finite_values(value: Any, path: str = "") -> list[tuple[str, float]]:
+    """`(dotted key, value)` of every NaN or ±inf anywhere in a recipe: float fields, per-group mappings
+    (`optim.lr.fusion`), pairs (`optim.betas[1]`) and free-form mappings (`model.vision`, `data.options`).
+    No recipe setting means anything sensible as NaN or infinity (`optim.lr: .inf` trains to NaN weights)."""
+    if isinstance(value, float):  # past float32's range is infinity once torch holds it (optim.lr=1e39)
+        return [] if math.isfinite(value) and abs(value) <= FLOAT32_MAX else [(path, value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [hit for f in dataclasses.fields(value)
+                for hit in non_finite_values(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)]
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in non_finite_values(v, f"{path}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [hit for i, v in enumerate(value) for hit in non_finite_values(v, f"{path}[{i}]")]
+    return []
 
 
 def _positive(section: str, obj: Any, names: Sequence[str]) -> list[str]:
@@ -340,7 +364,14 @@ def _read_recipe_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any
     if not path.is_file():
         via = f" (inherited by {chain[-1]})" if chain else ""
         raise RecipeError(f"recipe file {path} does not exist{via}")
-    raw = parse_yaml(path.read_text(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe {path} is not UTF-8 text ({err.reason} at byte {err.start}); a recipe is a YAML "
+                          "file: check that the path names one") from err
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}; check the path and its permissions") from err
+    raw = parse_yaml(text, str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -16,7 +16,10 @@ What a run does, in order:
 5. Data: `loader_for_task` for image tasks (the contrastive stage reads the caption layout), packed text
    (`train.text_data`) for `lm`; a stream that crosses epochs and knows its position
    `{epoch, batches_in_epoch}`.
-6. `resume`: restores trained weights, optimizer, scheduler, the non-finite counters, fast-forwards the
+6. `resume`: from the newest checkpoint that reads completely (newer unreadable ones are named in a
+   warning line and passed over), under the recipe that checkpoint was trained with (any other
+   difference is refused, except the settings `train.resume_check` lets change, which are logged);
+   restores trained weights, optimizer, scheduler, the non-finite counters, fast-forwards the
    data to the saved position and then restores the RNG states, so on CPU the continuation is bit
    for bit the uninterrupted run.
 7. The loop: per optimizer step `optim.accumulation_steps` micro-batches; the loss of each is summed
@@ -27,7 +30,10 @@ What a run does, in order:
    `metrics.jsonl` + TensorBoard every `logging.every` steps (loss, lr per group, grad norm,
    tokens/s, samples/s, skipped samples, non-finite steps), a progress bar with loss, throughput and
    ETA, evaluation (mean loss on `data.eval_shards`) every `train.eval_every` steps, checkpoints every
-   `checkpoint.every` steps keeping `checkpoint.keep_last`. SIGTERM / SIGINT: checkpoint and return.
+   `checkpoint.every` steps keeping `checkpoint.keep_last`. SIGTERM / SIGINT: checkpoint and return
+   (a signal that arrives while the data loader is busy is acted on once it returns a batch; an error
+   it raises ends the run). Weights holding NaN / inf are never checkpointed or exported (an error
+   names them), and a run whose last step had a non-finite loss ends with an error, not an export.
 8. Exports: `kind: llama` → `RUN/model/` (HF layout + tokenizer files); image stages →
    `RUN/adapter.safetensors` (+ tokenizer files), so `load_multimodal(RUN)` works; the contrastive
    stage → `RUN/encoder.safetensors` (a timm backbone state dict).
@@ -54,14 +60,16 @@ from torch import nn
 
 from mm_llama.train.build import ENCODER_FILE, MODEL_DIR, TOKENIZER_FILES, Built, build, resolve_recipe, stage_kind
 from mm_llama.train.checkpointing import (
-    latest_checkpoint, load_checkpoint, restore_rng, restore_training_state, save_checkpoint, trainable_state_dict,
-    capture_rng,
+    Checkpoint, CheckpointingError, capture_rng, checkpoint_name, latest_checkpoint, load_resumable_checkpoint,
+    restore_rng, restore_training_state, save_checkpoint, trainable_state_dict,
 )
 from mm_llama.train.distributed import DistributedContext, all_reduce_mean, any_true, barrier, shard_frozen_lm, wrap_trainable
 from mm_llama.train.metrics import MetricsLogger, ProgressBar, Throughput
-from mm_llama.train.nonfinite import NonFiniteGuard, guarded_step
+from mm_llama.train.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite_weights, guarded_step
 from mm_llama.train.optim import build_optimizer, build_scheduler, current_lrs, unwrap
-from mm_llama.train.recipe import RecipeConfig, RecipeError, save_config
+from mm_llama.train.recipe import RecipeConfig, RecipeError, recipe_to_dict, save_config
+from mm_llama.train.resume_check import recipe_changes_on_resume
+from mm_llama.train.run_dir import prepare_run_dir
 from mm_llama.train.signals import StopOnSignal
 from mm_llama.train.tasks import Task, task_for
 
@@ -366,13 +374,48 @@ class Trainer:
                                 "to continue that run, or choose a new run directory with --out")
         return latest
 
+    def _resume_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint to continue from: the newest one that reads completely. Newer unreadable ones
+        are passed over with a warning line each (naming the file and why)."""
+        if self._existing_checkpoint() is None:
+            return None
+        ckpt, corrupt = load_resumable_checkpoint(self.run_dir, map_location=self.device)
+        assert ckpt is not None  # there are checkpoints; none readable raises NoIntactCheckpointError
+        for path, why in corrupt:
+            self._print(f"warning: checkpoint {path} cannot be resumed ({why}); falling back to the older "
+                        f"{ckpt.path.name}")
+        return ckpt
+
+    def _check_recipe(self, ckpt: Checkpoint) -> None:
+        """Refuse a resume under a recipe that differs from the checkpoint's (except settings that are safe
+        to change: those are applied and logged)."""
+        changes = recipe_changes_on_resume(recipe_to_dict(self.cfg), ckpt, self.run_dir)
+        if changes.refused:
+            listed = ", ".join(changes.refused)
+            raise TrainingError(
+                f"--resume: the recipe differs from the one {ckpt.path} was trained with: {listed}. A resumed run "
+                "continues with the checkpoint's settings (its optimizer and schedule state hold them), so it cannot "
+                f"take these changes: rerun without them to continue the run, or start a new run with another --out "
+                f"to train with them"
+            )
+        if changes.applied:
+            self._print(f"--resume: applying changed settings: {', '.join(changes.applied)}")
+        if changes.unchecked:
+            self._print(f"warning: {changes.unchecked}")
+
     def setup(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         if not cfg.data.shards:
             raise RecipeError("data.shards is empty: name the training shards (paths, globs, brace patterns or directories)")
         self.cfg = cfg = resolve_recipe(cfg)
-        self.latest = self._existing_checkpoint()
+        if self.ctx.is_main:
+            prepare_run_dir(self.run_dir)
+        barrier()
+        ckpt = self._resume_checkpoint()
+        self.latest = ckpt.path if ckpt is not None else None
+        if ckpt is not None:
+            self._check_recipe(ckpt)  # before config.yaml is rewritten: it must describe what runs
         if self.ctx.is_main:
             save_config(cfg, self.run_dir)
         self.built = build(cfg)
@@ -398,19 +441,21 @@ class Trainer:
         self.step = 0
         position = {"epoch": 0, "batches_in_epoch": 0}
         rng = None
-        if self.latest is not None:
-            ckpt = load_checkpoint(self.latest, map_location=self.device)
-            restore_training_state(ckpt, model, self.optimizer, self.scheduler, rng=False)
+        if ckpt is not None:
+            try:
+                restore_training_state(ckpt, model, self.optimizer, self.scheduler, rng=False)
+            except CheckpointingError as err:
+                raise TrainingError(f"cannot resume from {ckpt.path}: {err}") from err
             self.step = ckpt.step
             position = {"epoch": 0, "batches_in_epoch": 0, **ckpt.data_position}
             self.guard.load_state_dict(ckpt.extra.get("guard", {}))
             saved_world = ckpt.extra.get("world_size", self.ctx.world_size)
             if saved_world != self.ctx.world_size:
-                warnings.warn(f"{self.latest} was written by {saved_world} rank(s), this run has {self.ctx.world_size}: "
+                warnings.warn(f"{ckpt.path} was written by {saved_world} rank(s), this run has {self.ctx.world_size}: "
                               "the data continues from the same epoch and batch index, but not exactly the same samples",
                               stacklevel=2)
             rng = ckpt.rng
-            self._print(f"resuming {self.run_dir} from {self.latest.name} (step {self.step}, epoch {position['epoch']}, "
+            self._print(f"resuming {self.run_dir} from {ckpt.path.name} (step {self.step}, epoch {position['epoch']}, "
                         f"batch {position['batches_in_epoch']})")
         elif self.resume:
             self._print(f"--resume: {self.run_dir} has no checkpoint yet; starting from step 0")
@@ -479,22 +524,51 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------- checkpoints and export
+    def _nan_advice(self) -> str:
+        newest = latest_checkpoint(self.run_dir, clean=False)
+        kept = (f"the newest checkpoint, {newest.name}, keeps the last finite weights" if newest
+                else "no checkpoint was kept")
+        return (f"{kept}. The updates blew the weights up: lower optim.lr (now {self.cfg.optim.lr}) or clip gradients "
+                "(optim.grad_clip), then start a new run with another --out")
+
     def save(self) -> Path | None:
+        """Checkpoint the run; weights that are not finite are refused (every rank checks its own replica,
+        so all of them raise together) and the older checkpoints are kept."""
+        trainable = trainable_state_dict(self.model)
+        check_finite_weights(trainable, f"the trained weights at step {self.step}", self._nan_advice())
         rng = _gather_rng(self.ctx)
         path = None
         if self.ctx.is_main:
             path = save_checkpoint(
-                self.run_dir, self.step, trainable_state=trainable_state_dict(self.model), optimizer=self.optimizer,
+                self.run_dir, self.step, trainable_state=trainable, optimizer=self.optimizer,
                 scheduler=self.scheduler, rng=rng, data_position=self.stream.position,
                 extra={"guard": self.guard.state_dict(), "world_size": self.ctx.world_size,
-                       "recipe": self.cfg.name}, keep_last=self.cfg.checkpoint.keep_last,
+                       "recipe": self.cfg.name, "config": recipe_to_dict(self.cfg)},
+                keep_last=self.cfg.checkpoint.keep_last,
             )
         barrier()
         return path
 
+    def _export_state(self) -> dict[str, torch.Tensor]:
+        """The tensors `export` writes."""
+        model = unwrap(self.model)
+        if self.kind == "llama":
+            return model.state_dict()
+        if self.kind == "multimodal":
+            from mm_llama.checkpoints.multimodal_loading import adapter_state_dict
+
+            return adapter_state_dict(model)
+        return model.encoder.state_dict()
+
     def export(self) -> Path | None:
-        """Write the stage's product (see the module docstring); main rank only."""
+        """Write the stage's product (see the module docstring); main rank only. Tensors that are not
+        finite are an error naming them (checked on every rank), and nothing is written."""
+        from mm_llama.checkpoints.multimodal_loading import ADAPTER_FILE
+
         export: Path | None = None
+        target = {"llama": MODEL_DIR, "contrastive": ENCODER_FILE}.get(self.kind, ADAPTER_FILE)
+        check_finite_weights(self._export_state(), f"the weights to export to {self.run_dir / target}",
+                             self._nan_advice())
         if self.ctx.is_main:
             model = unwrap(self.model)
             if self.kind == "llama":
@@ -503,7 +577,7 @@ class Trainer:
                 export = save_hf(model, self.run_dir / MODEL_DIR)
                 copy_tokenizer(self.built.tokenizer_dir, export)
             elif self.kind == "multimodal":
-                from mm_llama.checkpoints.multimodal_loading import ADAPTER_FILE, adapter_state_dict
+                from mm_llama.checkpoints.multimodal_loading import adapter_state_dict
 
                 export = self.run_dir / ADAPTER_FILE
                 tmp = export.with_name(export.name + ".tmp")
@@ -516,6 +590,19 @@ class Trainer:
                 export = save_encoder(model, self.run_dir / ENCODER_FILE)
         barrier()
         return export
+
+    def _check_final_steps(self, history: list[float]) -> None:
+        """A run that ends on skipped (non-finite) steps has not succeeded: say so instead of exporting."""
+        if not history or self.guard.in_a_row == 0:
+            return
+        last = (f"the last finite loss was {self.guard.last_finite_loss:.6g} at step {self.guard.last_finite_step}"
+                if self.guard.last_finite_loss is not None else "no step had a finite loss")
+        raise NonFiniteLossError(
+            f"the run ended at step {self.step} after {self.guard.in_a_row} step(s) in a row with a non-finite loss or "
+            f"gradient (last loss {history[-1]}; those updates were skipped); {last}. Nothing was exported; the "
+            f"checkpoint {checkpoint_name(self.step)} holds the weights. Lower optim.lr, check the data, or use "
+            "train.precision=fp32, then start a new run with another --out"
+        )
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
@@ -574,11 +661,13 @@ class Trainer:
                         break
             if not stopped and saved_at != self.step:
                 self.save()
+            if not stopped:
+                self._check_final_steps(history)
             export = None if stopped else self.export()
         finally:
             bar.close()
             logger.close()
-        final = next((x for x in reversed(history) if math.isfinite(x)), None) if history else None
+        final = history[-1] if history else None  # the last step's own loss (finite unless stopped by a signal)
         return TrainResult(self.run_dir, self.step, final, stopped, export, unwrap(self.model),
                            nonfinite_steps=self.guard.total, last_eval=last_eval, history=history)
 

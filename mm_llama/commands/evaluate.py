@@ -8,7 +8,9 @@ from pathlib import Path
 
 from mm_llama.commands.arg_types import positive_int
 from mm_llama.commands.device import add_device_options, resolve_device
-from mm_llama.train.evaluation import DEFAULT_MAX_NEW_TOKENS, EVAL_TASKS, evaluate, format_metrics, write_result
+from mm_llama.train.evaluation import (
+    DEFAULT_MAX_NEW_TOKENS, EVAL_TASKS, check_result_path, evaluate, format_metrics, write_result,
+)
 
 
 def default_output(model: Path, task: str, blank_images: bool) -> Path:
@@ -27,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "tokenisation) and exact match, VQA by VQA accuracy on normalised answers, exact match and the "
             "majority-answer baseline. Prints a metrics table and writes a JSON file with the metrics, "
             "settings and every sample's prediction. Undecodable samples are skipped and counted. "
-            "Exit status 0: every sample evaluated; 1: some skipped (results still written); 2: error."
+            "Records whose reference answer or caption is empty are skipped and counted as well, as training "
+            "skips them. Exit status 0: every sample evaluated; 1: some skipped (results still written); 2: error."
         ),
     )
     p.add_argument("--model", required=True, type=Path,
@@ -58,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model.is_dir():
         raise ValueError(f"--model {str(args.model)!r} is not a directory; give a run, HF or Meta model directory")
+    out = args.out if args.out is not None else default_output(args.model, args.task, args.blank_images)
+    try:
+        check_result_path(out)  # a bad --out fails now, not after the evaluation
+    except ValueError as err:
+        raise ValueError(f"--out: {err}") from err
     device, dtype = resolve_device(args)
     model, tokenizer = load_image_model(args.model, dtype=dtype, device=device)
     result = evaluate(
@@ -65,13 +73,14 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_samples=args.max_samples, blank_images=args.blank_images,
         max_new_tokens=args.max_new_tokens, prompt=args.prompt, progress=not args.no_progress,
     )
-    out = args.out if args.out is not None else default_output(args.model, args.task, args.blank_images)
     write_result(result, out, settings={"model": str(args.model), "device": str(device), "dtype": dtype})
     print(format_metrics(result))
     print(f"results: {out}")
     skipped = result.counts["skipped_samples"] + result.counts["damaged_shards"]
     if skipped:  # each one was already reported as a CorruptSampleWarning while reading
-        print(f"mm-llama eval: {result.counts['skipped_samples']} sample(s) skipped, "
+        empty = result.counts.get("empty_references", 0)
+        why = f" ({empty} with an empty reference answer, which training skips too)" if empty else ""
+        print(f"mm-llama eval: {result.counts['skipped_samples']} sample(s) skipped{why}, "
               f"{result.counts['damaged_shards']} damaged shard(s); reasons listed under 'skipped' in {out}",
               file=sys.stderr)
         return 1

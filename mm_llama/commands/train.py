@@ -29,9 +29,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="run directory for config.yaml, checkpoints, metrics.jsonl, TensorBoard events and the "
                         "exported weights (default: runs/<recipe name>)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest checkpoint (weights, optimizer, schedule, RNG and "
-                        "data position); without a checkpoint it starts from step 0. Without --resume an existing "
-                        "run with checkpoints is an error")
+                   help="continue the run in --out from its newest intact checkpoint (weights, optimizer, schedule, "
+                        "RNG and data position); without a checkpoint it starts from step 0. The recipe must be the "
+                        "one the run was trained with: only train.steps, logging, checkpoint, evaluation and device "
+                        "settings may change (they are logged). Without --resume an existing run with checkpoints "
+                        "is an error")
     p.set_defaults(run=run)
 
 
@@ -85,7 +87,8 @@ def split_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the recipe (+ overrides), train, print where the result is; 0 on success, 1 when the run
-    stopped on bad data or non-finite losses (RecipeError and other ValueErrors reach the CLI: 2)."""
+    stopped on bad data, non-finite losses or non-finite weights (RecipeError and other ValueErrors — a
+    bad --out, a changed recipe on --resume, no readable checkpoint — reach the CLI: 2)."""
     from mm_llama.data.loader_stats import TooManySkippedError
     from mm_llama.train.nonfinite import NonFiniteLossError
     from mm_llama.train.recipe import load_recipe

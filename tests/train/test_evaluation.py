@@ -335,7 +335,7 @@ def test_evaluate_vqa(model_and_tokenizer, synth_dir: Path, monkeypatch: pytest.
                       progress=False)
     assert set(result.metrics) == {"vqa_accuracy", "exact_match", "majority_baseline"}
     assert all(0.0 <= v <= 1.0 for v in result.metrics.values())
-    assert result.counts == {"samples": 5, "skipped_samples": 0, "damaged_shards": 0, "shards": 5}
+    assert result.counts == {"samples": 5, "skipped_samples": 0, "damaged_shards": 0, "shards": 5, "empty_references": 0}
     assert [len(p) for p, _ in spy.calls] == [3, 2]
     expected = list(EvalShardReader(synth_dir / "image-qa"))[:5]
     assert [r["key"] for r in result.records] == [s["key"] for s in expected]
@@ -396,7 +396,8 @@ def test_evaluate_counts_and_skips_damaged_samples(model_and_tokenizer, damaged_
         result = evaluate(model, tok, [damaged_dir / "a.tar", damaged_dir / "b.tar"], "vqa", batch_size=8,
                           max_new_tokens=2, progress=False)
     # a.tar: bad png + json without answer skipped, 2 evaluated; b.tar: 1 evaluated, then damaged
-    assert result.counts == {"samples": 3, "skipped_samples": 2, "damaged_shards": 1, "shards": 2}
+    assert result.counts == {"samples": 3, "skipped_samples": 2, "damaged_shards": 1, "shards": 2,
+                             "empty_references": 0}
     where = [(Path(s["shard"]).name, s["key"]) for s in result.skipped]
     assert [w for w in where if w[1] is None] == [("b.tar", None)]
     skipped_keys = sorted(k for _, k in where if k is not None)
