@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
+from mm_llama.checkpoints.files import iter_safetensors
 from mm_llama.checkpoints.loading import llama_config_from_dir, load_llama
 from mm_llama.checkpoints.multimodal_loading import ADAPTER_FILE, adapter_state_dict, vision_config_from_dict
+from mm_llama.checkpoints.state_dict import CheckpointError
 from mm_llama.config import LlamaConfig, RopeScaling, preset
 from mm_llama.data.pipelines import IMAGE_TASKS  # the image tasks the loader reads are the ones a stage trains
 from mm_llama.fusion import fusion_schedule
@@ -221,7 +223,7 @@ def load_encoder_checkpoint(model: MultimodalLlama, path: str | Path) -> None:
 
         load_backbone_weights(model.encoder.backbone, file)
         return
-    tensors = load_file(str(file))
+    tensors = _read_tensors(file)
     for prefix in ("encoder.", "vision_model."):
         if tensors and all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
@@ -233,19 +235,32 @@ def load_encoder_checkpoint(model: MultimodalLlama, path: str | Path) -> None:
 
 def adapter_weights_of(run: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The adapter tensors of an earlier run: its `adapter.safetensors`, else (an unfinished run) the
-    trained tensors of its newest checkpoint."""
-    from mm_llama.train.checkpointing import TRAINABLE_FILE, latest_checkpoint
+    trained tensors of its newest readable checkpoint (newer unreadable ones are named in a warning)."""
+    from mm_llama.train.checkpointing import TRAINABLE_FILE, list_checkpoints
 
     directory = Path(run)
     if (directory / ADAPTER_FILE).is_file():
-        return load_file(str(directory / ADAPTER_FILE)), directory / ADAPTER_FILE
+        return _read_tensors(directory / ADAPTER_FILE), directory / ADAPTER_FILE
     if directory.is_file() and directory.suffix == ".safetensors":
-        return load_file(str(directory)), directory
-    latest = latest_checkpoint(directory, clean=False) if directory.is_dir() else None
-    if latest is not None:
-        return load_file(str(latest / TRAINABLE_FILE)), latest / TRAINABLE_FILE
+        return _read_tensors(directory), directory
+    unreadable: list[str] = []
+    for _, checkpoint in reversed(list_checkpoints(directory)):
+        try:
+            return _read_tensors(checkpoint / TRAINABLE_FILE), checkpoint / TRAINABLE_FILE
+        except (CheckpointError, FileNotFoundError) as err:
+            unreadable.append(str(err))
+            warnings.warn(f"model.init_from: passing over checkpoint {checkpoint}: {err}", stacklevel=2)
+    if unreadable:
+        raise CheckpointError(f"model.init_from {directory}: none of its checkpoints can be read: {'; '.join(unreadable)}")
     raise FileNotFoundError(f"model.init_from {directory} holds neither {ADAPTER_FILE} nor training checkpoints; "
                             "point it at the run directory of the previous stage")
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as a dict; a damaged one is a CheckpointError naming it."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist")
+    return dict(iter_safetensors([file]))
 
 
 def _resample_pos_embed(model: MultimodalLlama, name: str, tensor: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

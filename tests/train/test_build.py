@@ -45,3 +45,26 @@ def test_weights_from_init_from_replace_the_gate_init(assets: Assets, tmp_path: 
 def test_fusion_gate_init_must_be_finite(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"model\.fusion_gate_init must be a finite number, got inf"):
         load_recipe("tiny_vision_pretrain", ["model.fusion_gate_init=.inf"])
+
+
+def test_init_from_passes_over_an_unreadable_newest_checkpoint(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from mm_llama.checkpoints.state_dict import CheckpointError
+    from mm_llama.train.build import adapter_weights_of
+    from mm_llama.train.checkpointing import STATE_FILE, TRAINABLE_FILE, checkpoint_name
+
+    for step, value in ((2, 1.0), (4, 2.0)):
+        ckpt = tmp_path / checkpoint_name(step)
+        ckpt.mkdir()
+        (ckpt / STATE_FILE).write_text("{}")
+        save_file({"w": torch.full((2,), value)}, str(ckpt / TRAINABLE_FILE))
+    newest = tmp_path / checkpoint_name(4) / TRAINABLE_FILE
+    newest.write_bytes(newest.read_bytes()[:20])  # truncated
+    with pytest.warns(UserWarning, match=f"passing over checkpoint .*{checkpoint_name(4)}.*not a readable safetensors"):
+        tensors, source = adapter_weights_of(tmp_path)
+    assert source == tmp_path / checkpoint_name(2) / TRAINABLE_FILE and tensors["w"].tolist() == [1.0, 1.0]
+    older = tmp_path / checkpoint_name(2) / TRAINABLE_FILE
+    older.write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="none of its checkpoints can be read"):
+        adapter_weights_of(tmp_path)
