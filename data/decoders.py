@@ -9,10 +9,10 @@ exception type, count the sample as skipped, and go on.
 
 | function | output |
 |---|---|
-| `decode_image(data, name)` | `PIL.Image.Image`, mode RGB, EXIF orientation applied |
+| `decode_image(data, name)` | `PIL.Image.Image`, mode RGB, EXIF orientation applied; at most `MAX_IMAGE_PIXELS` |
 | `decode_audio(data, name, sample_rate=16000)` | `[S]` float32 mono (channels averaged), about ±1 |
 | `audio_duration(data, name)` | seconds, from the header (no decoding) |
-| `decode_video(data, name, num_frames)` | `[K, 3, H, W]` uint8 RGB, K = `num_frames` uniformly spaced frames |
+| `decode_video(data, name, num_frames)` | `[K, 3, H, W]` uint8 RGB, K = `num_frames` uniformly spaced frames; a still image (PNG/JPEG/... demuxer) is rejected |
 | `video_frame_count(data, name)` | number of video frames (packets counted, no decoding) |
 | `video_duration(data, name)` | seconds, from the container |
 """
@@ -34,11 +34,14 @@ from PIL import Image
 from mm_llama.data.image_transform import load_image, to_rgb
 
 __all__ = [
+    "IMAGE_DEMUXERS",
+    "MAX_IMAGE_PIXELS",
     "DecodeError",
     "audio_duration",
     "decode_audio",
     "decode_image",
     "decode_video",
+    "is_image_format",
     "uniform_frame_indices",
     "video_duration",
     "video_frame_count",
@@ -54,6 +57,15 @@ MAX_FILE_SAMPLE_RATE = 768_000
 # Standard rates (8k…192k) give at most a few 100k values; an odd rate such as 44 101 Hz would need
 # 16000 x 44113 (2.8 GB), so such files are rejected with a clear message instead.
 MAX_RESAMPLE_KERNEL = 1 << 24
+# Images: width x height at most, read from the header before decoding. Pillow's own bomb limit
+# (about 179 megapixels, a warning from 89) lets a 17 KB PNG declaring 12000 x 12000 pixels decode
+# in full (12.5 s and 2.2 GB for one sample). Tiling never uses more than max_tiles (≤ 16) tiles of
+# 560², about 5 megapixels, so 40 megapixels (a 7,300² photo; a 50 MP camera frame must be downscaled)
+# keeps every real photo while bounding one sample's memory to ~120 MB of RGB.
+MAX_IMAGE_PIXELS = 40_000_000
+# A video member must hold a video: FFmpeg also "demuxes" a single PNG/JPEG/WebP/BMP (the *_pipe
+# demuxers), image sequences (image2) and GIFs, which would otherwise pass as one-frame clips.
+IMAGE_DEMUXERS = frozenset({"image2", "image2pipe", "gif", "apng", "ico", "tiff", "webp", "jpegxl_anim"})
 
 
 class DecodeError(ValueError):
@@ -105,11 +117,12 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     EXIF orientation is applied and colour is converted as `mm_llama.data.image_transform.to_rgb`
     does (transparency composited onto white, 16-bit greyscale scaled to 8 bits). Returns a fully
     loaded `PIL.Image.Image` of mode RGB, size (W, H). Raises `DecodeError` for empty, truncated,
-    corrupt or unrecognised data.
+    corrupt or unrecognised data, and for an image whose header declares more than
+    `MAX_IMAGE_PIXELS` pixels (checked before decoding).
     """
     raw = _as_bytes(data, name)
     try:
-        image = load_image(raw, source=name)
+        image = load_image(raw, source=name, max_pixels=MAX_IMAGE_PIXELS)
     except ValueError as e:
         reason = str(e)
         prefix = f"cannot read {name}: "
@@ -218,10 +231,24 @@ def _open(raw: bytes, name: str) -> av.container.InputContainer:
     container = _guard(
         name, "not a readable video container (expected mp4)", lambda: av.open(io.BytesIO(raw), mode="r")
     )
+    fmt = container.format.name
+    if is_image_format(fmt):
+        container.close()
+        raise DecodeError(
+            name, f"this is a still image (FFmpeg reads it with its {fmt!r} demuxer), not a video container; "
+            "store videos as MP4 (or WebM/MKV/MOV/AVI) and images as image members"
+        )
     if not container.streams.video:
         container.close()
         raise DecodeError(name, "the container has no video stream")
     return container
+
+
+def is_image_format(format_name: str) -> bool:
+    """True for FFmpeg demuxer names (``container.format.name``, possibly comma-separated) that read
+    still images or image sequences (``png_pipe``, ``jpeg_pipe``, ``image2``, ``gif``, ...)."""
+    names = [n.strip() for n in format_name.split(",")]
+    return any(n.endswith("_pipe") or n in IMAGE_DEMUXERS for n in names)
 
 
 def _count_packets(raw: bytes, name: str) -> int:
@@ -303,7 +330,8 @@ def decode_video(data: bytes, name: str, num_frames: int) -> torch.Tensor:
     Frame indices are `uniform_frame_indices(n, K)` = `round(linspace(0, n - 1, K))` over the n frames
     of the first video stream, in presentation order; clips shorter than K frames repeat frames.
     Returns `[K, 3, H, W]` uint8 RGB. Raises `DecodeError` for empty, corrupt or truncated data, a
-    container without a video stream, or a stream that decodes to no frames.
+    still image (FFmpeg's image demuxers: `png_pipe`, `jpeg_pipe`, `image2`, `gif`, ...; see
+    `IMAGE_DEMUXERS`), a container without a video stream, or a stream that decodes to no frames.
     """
     raw = _as_bytes(data, name)
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,12 +155,14 @@ def _describe(image: object, source: str | None) -> str:
     return "image"
 
 
-def load_image(image: ImageInput, source: str | None = None) -> Image.Image:
+def load_image(image: ImageInput, source: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode `image` (a PIL image, a path, or encoded bytes) fully and apply its EXIF orientation.
 
     `source` names the input in error messages (e.g. a shard member `"shard-0001.tar:KEY.jpg"`);
-    paths name themselves. Raises `ValueError` naming the input and PIL's reason for anything that is
-    missing, not an image, truncated or corrupt, and `TypeError` for an unsupported input type.
+    paths name themselves. `max_pixels`, if set, bounds width × height as declared in the header, checked
+    before anything is decoded (a few KB of PNG can declare 12000 × 12000 pixels). Raises `ValueError`
+    naming the input and PIL's reason for anything that is missing, not an image, truncated, corrupt or
+    larger than `max_pixels`, and `TypeError` for an unsupported input type.
     """
     what = _describe(image, source)
     if isinstance(image, Image.Image):
@@ -173,13 +176,23 @@ def load_image(image: ImageInput, source: str | None = None) -> Image.Image:
         else:
             fp = io.BytesIO(bytes(image))
         try:
-            opened = Image.open(fp)  # type: ignore[arg-type]
+            with warnings.catch_warnings():
+                if max_pixels is not None:  # our own, lower limit is checked below
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                opened = Image.open(fp)  # type: ignore[arg-type]
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
             raise ValueError(
                 f"cannot read {what}: not a decodable image ({type(e).__name__}: {e}); "
                 "expected JPEG, PNG, WebP, GIF, BMP, TIFF or another format PIL can open"
             ) from None
         owned = True
+        if max_pixels is not None and opened.width * opened.height > max_pixels:
+            width, height = opened.size
+            opened.close()
+            raise ValueError(
+                f"cannot read {what}: the image is {width}x{height} = {width * height / 1e6:.1f} megapixels, "
+                f"over the limit of {max_pixels / 1e6:g} megapixels; it was not decoded (downscale the file)"
+            )
     else:
         raise TypeError(
             f"image must be a PIL.Image.Image, a path (str or os.PathLike) or encoded bytes, got {type(image).__name__}"

@@ -79,6 +79,11 @@ class LoaderStats:
     bytes: encoded bytes of the samples in `samples` (all their tar members).
     shards: shards opened.
     seconds: seconds spent per pipeline stage (keys from `STAGES`).
+    lost: samples known to be lost after damaged archives (each damaged archive is one ``"tar"`` skip;
+        the samples after the damage are counted here when the shard's sample count is known, from
+        the ``stats.json`` that ``mm-llama shards`` writes beside its shards).
+    lost_unknown: damaged archives after which an unknown number of samples was lost (the rest of the
+        shard; no ``stats.json`` says how many samples it held).
     """
 
     samples: int = 0
@@ -88,6 +93,8 @@ class LoaderStats:
     bytes: int = 0
     shards: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    lost: int = 0
+    lost_unknown: int = 0
 
     # -- derived ---------------------------------------------------------------------------------
 
@@ -97,14 +104,19 @@ class LoaderStats:
         return sum(self.skipped.values())
 
     @property
+    def unusable(self) -> int:
+        """Skipped samples plus samples known to be lost in damaged archives."""
+        return self.skipped_total + self.lost
+
+    @property
     def seen(self) -> int:
-        """Samples met so far: used + skipped."""
-        return self.samples + self.skipped_total
+        """Samples met so far: used + skipped + known lost."""
+        return self.samples + self.unusable
 
     @property
     def skip_fraction(self) -> float:
-        """`skipped_total / seen` (0.0 before any sample)."""
-        return self.skipped_total / self.seen if self.seen else 0.0
+        """`unusable / seen` (0.0 before any sample)."""
+        return self.unusable / self.seen if self.seen else 0.0
 
     # -- recording -------------------------------------------------------------------------------
 
@@ -123,6 +135,8 @@ class LoaderStats:
         self.recent.extend(other.recent)
         self.bytes += other.bytes
         self.shards += other.shards
+        self.lost += other.lost
+        self.lost_unknown += other.lost_unknown
         for stage, s in other.seconds.items():
             self.add_time(stage, s)
         return self
@@ -138,13 +152,15 @@ class LoaderStats:
         """
         if self.seen < max(int(min_samples), 1):
             return
-        if self.skip_fraction > max_skip_fraction or (self.samples == 0 and self.skipped_total > 0):
+        if self.skip_fraction > max_skip_fraction or (self.samples == 0 and self.unusable > 0):
             raise TooManySkippedError(self.explain(max_skip_fraction))
 
     def explain(self, max_skip_fraction: float | None = None) -> str:
         """The message of `TooManySkippedError`: counts, commonest reasons, examples, the remedy."""
-        n, total = self.skipped_total, self.seen
+        n, total = self.unusable, self.seen
         head = f"the data loader skipped {n} of {total} samples ({100.0 * self.skip_fraction:.1f}%)"
+        if self.lost or self.lost_unknown:
+            head += f" ({self.lost_text()})"
         if self.samples == 0:
             head += ", and not one sample could be used"
         if max_skip_fraction is not None:
@@ -158,12 +174,22 @@ class LoaderStats:
             "LoaderConfig(max_skip_fraction=...) (and min_samples_before_check= to check later)."
         )
 
+    def lost_text(self) -> str:
+        """What damaged archives lost, honestly: known counts, and the shards whose loss is unknown."""
+        parts = []
+        if self.lost:
+            parts.append(f"{self.lost} sample(s) lost after damaged archives")
+        if self.lost_unknown:
+            parts.append(f"the rest of {self.lost_unknown} damaged shard(s) lost (unknown count)")
+        return "; ".join(parts) or "no samples lost in damaged archives"
+
     def summary(self) -> str:
-        """One line: samples, batches, skips by reason."""
+        """One line: samples, batches, skips by reason, samples lost in damaged archives."""
         reasons = ", ".join(f"{r}={c}" for r, c in self.skipped.most_common())
         return (
             f"{self.samples} samples in {self.batches} batches, {self.skipped_total} skipped"
             + (f" ({reasons})" if reasons else "")
+            + (f", {self.lost_text()}" if self.lost or self.lost_unknown else "")
             + f", {self.shards} shards opened, {self.bytes / 1e6:.1f} MB"
         )
 
@@ -178,6 +204,8 @@ class LoaderStats:
             "recent_skips": [str(r) for r in self.recent],
             "bytes": self.bytes,
             "shards": self.shards,
+            "lost": self.lost,
+            "lost_unknown": self.lost_unknown,
             "seconds": dict(self.seconds),
         }
 
@@ -220,13 +248,22 @@ class StatsRecorder:
         self.pending = LoaderStats()
         self.current_shard: str | None = None
         self.raw_samples = 0  # samples read out of tars (before shuffling and processing)
+        self.shard_read = 0  # samples of the current shard whose members were read so far
+        self.shard_problems: dict[str, str] = {}  # shard -> why it was counted as damaged (last pass)
+        self._shard_key: str | None = None
         self._shard_error_counted = False
 
     @property
     def progress(self) -> int:
-        """Monotonic count of samples read out of tars plus damaged archives: tells a source that finds
-        nothing in its shards (stalled) from a slow one."""
-        return self.raw_samples + self.total.skipped["tar"]
+        """Monotonic count of samples read out of tars: tells a source that finds nothing in its shards
+        (stalled: empty, unreadable or damaged before their first sample) from a slow one."""
+        return self.raw_samples
+
+    def member(self, key: str) -> None:
+        """A tar member of sample `key` was read from the current shard (counts the shard's samples)."""
+        if key != self._shard_key:
+            self._shard_key = key
+            self.shard_read += 1
 
     def sample(self, nbytes: int) -> None:
         for s in (self.total, self.pending):
@@ -252,18 +289,50 @@ class StatsRecorder:
         self.total.shards += 1
         self.pending.shards += 1
         self.current_shard = url
+        self.shard_read = 0
+        self._shard_key = None
         self._shard_error_counted = False
 
-    def shard_error(self, message: str, shard: str | None = None) -> None:
+    def shard_error(
+        self, message: str, shard: str | None = None, *, read: int | None = None, expected: int | None = None
+    ) -> None:
         """Count a damaged archive (truncated or corrupt tar) once per shard pass; later errors of the
-        same pass (tarfile often reports one truncation twice) are logged at debug level only."""
+        same pass (tarfile often reports one truncation twice) are logged at debug level only.
+
+        `read`: samples of the shard read before the damage (default: those read so far in this pass).
+        `expected`: the shard's sample count if known (``stats.json``); then ``expected - read`` samples
+        are counted as `lost`, else the loss is counted in `lost_unknown` ("the rest of the shard"). The
+        skip message states both numbers.
+        """
         shard = shard or self.current_shard or "<unknown shard>"
         if self._shard_error_counted and shard == self.current_shard:
             logger.debug("further tar error in %s: %s", shard, message)
             return
         if shard == self.current_shard:
             self._shard_error_counted = True
-        self.skip("tar", f"{shard}:<archive>", message)
+            if read is None:
+                read = self.shard_read
+        if read is None:
+            text = f"{message}; the rest of the shard is lost (unknown count)"
+            lost = None
+        elif expected is not None and expected >= read:
+            lost = expected - read
+            text = (f"{message}; {read} sample(s) of this shard were read before it, {lost} lost after it "
+                    f"(stats.json: {expected} in the shard)")
+        elif read == 0:
+            lost = None
+            text = f"{message}; no sample of this shard could be read, the whole shard is lost (unknown count)"
+        else:
+            lost = None
+            text = (f"{message}; {read} sample(s) of this shard were read before it, the rest of the shard "
+                    "is lost (unknown count)")
+        for s in (self.total, self.pending):
+            if lost is None:
+                s.lost_unknown += 1
+            else:
+                s.lost += lost
+        self.shard_problems[shard] = message
+        self.skip("tar", f"{shard}:<archive>", text)
 
     def take_delta(self) -> LoaderStats:
         """What happened since the previous call (and reset it)."""
@@ -271,8 +340,11 @@ class StatsRecorder:
         return delta
 
     def check_stuck(self, min_samples: int) -> None:
-        """Raise `TooManySkippedError` when this worker met `min_samples` samples and could use none."""
-        if self.total.samples == 0 and self.total.skipped_total >= max(int(min_samples), 1):
+        """Raise `TooManySkippedError` when this worker met `min_samples` samples and could use none.
+
+        (A worker whose shards yield no sample at all — empty, unreadable or git-lfs pointer files — is
+        stopped by the shard source instead: `mm_llama.data.shard_source.UnreadableShardsError`.)"""
+        if self.total.samples == 0 and self.total.unusable >= max(int(min_samples), 1):
             raise TooManySkippedError(self.total.explain())
 
 

@@ -32,9 +32,16 @@ Rules of the writer:
   (reported with line number, file and reason, never fatal) for: invalid JSON or a non-object, an unknown
   or ambiguous layout, a missing or unreadable file, undecodable or unsupported media, an empty or
   non-string text field, an invalid or repeated key. Blank lines are ignored.
+- A line is parsed with `mm_llama.data.json_limits.loads_limited`: nesting deeper than `MAX_JSON_DEPTH`
+  (64), an integer over Python's 4300-digit limit or a string with a lone surrogate (`"\\ud800"`) is a
+  skipped line like any other, never an abort; so is any unexpected error while checking one line.
 - Output: `OUT_DIR/shard-NNNNNN.tar` (written atomically, see `shard_writer`) and `OUT_DIR/stats.json`
-  with `samples`, `bytes`, `shards` (file names), `layouts` (samples per layout), `skipped` (count) and
+  with `samples`, `bytes`, `shards` (file names), `shard_samples` (samples per shard file: readers use it
+  to say how many samples a damaged shard lost), `layouts` (samples per layout), `skipped` (count) and
   `skipped_samples` (`[{"line", "file", "reason"}]`). Same manifest and files → byte-identical shards.
+- `overwrite=True` replaces an earlier run only when the new one succeeds (new shards are staged in a
+  hidden folder inside `OUT_DIR`, then moved over the old ones, then `stats.json` is rewritten); a run
+  that raises, is interrupted, or writes no sample at all leaves the old shards and `stats.json` intact.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +69,7 @@ from mm_llama.data.decoders import (
     video_duration,
     video_frame_count,
 )
+from mm_llama.data.json_limits import JSONLimitError, loads_limited
 from mm_llama.data.shard_writer import ShardWriter, validate_key
 
 __all__ = ["LAYOUTS", "ManifestError", "write_shards"]
@@ -153,8 +162,10 @@ def _read_media(line: dict[str, Any], field: str, base: Path) -> tuple[Path, str
 
 def _image_ext(data: bytes, shown: str) -> str:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format or "unknown"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image has a lower limit
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format or "unknown"
     except Exception as e:  # noqa: BLE001 - decode_image below gives the precise reason
         raise _Skip(f"not a decodable image ({type(e).__name__}: {e})", shown) from None
     if fmt not in _IMAGE_EXT:
@@ -194,6 +205,11 @@ def _extras(line: dict[str, Any], used: tuple[str, ...]) -> dict[str, Any]:
     if clash:
         raise _Skip(f"field(s) {clash} are computed by the writer; remove them from the manifest line")
     return extras
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json(meta: dict[str, Any]) -> bytes:
@@ -292,9 +308,11 @@ def write_shards(
     10^6 bytes. `overwrite` lets the writer replace shards of an earlier run in `out_dir` (otherwise
     their presence is an error). Returns the stats dict that is also written to `stats.json`.
 
-    Raises `ManifestError` if the manifest cannot be read at all, `ValueError` for invalid options or an
-    `out_dir` that already holds shards (without `overwrite`). Bad lines never raise: they are skipped
-    and listed in the stats.
+    Raises `ManifestError` if the manifest cannot be read at all (or, with `overwrite`, when not one line
+    could be written: the earlier shards are kept), `ValueError` for invalid options or an `out_dir` that
+    already holds shards (without `overwrite`). Bad lines never raise: they are skipped and listed in the
+    stats. With `overwrite`, the earlier shards and `stats.json` are replaced only once the new run has
+    succeeded; any failure leaves them intact.
     """
     manifest = Path(manifest)
     out = Path(out_dir)
@@ -320,12 +338,17 @@ def write_shards(
                 if not text.strip():
                     continue
                 try:
-                    line = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise _Skip(f"invalid JSON ({e})") from None
+                    line = loads_limited(text)
+                except JSONLimitError as e:
+                    raise _Skip(str(e)) from None
                 if not isinstance(line, dict):
                     raise _Skip(f"expected a JSON object, got {type(line).__name__}")
-                sample = _build(line, line_no, base)
+                try:
+                    sample = _build(line, line_no, base)
+                except _Skip:
+                    raise
+                except Exception as e:  # noqa: BLE001 - one odd line must not cost the lines before it
+                    raise _Skip(f"cannot use this line ({type(e).__name__}: {_short(str(e))})") from None
                 try:
                     writer.write(sample.key, sample.files)
                 except ValueError as e:
@@ -336,12 +359,25 @@ def write_shards(
                 skipped.append({"line": line_no, "file": file, "reason": s.reason})
                 bar.set_postfix(skipped=len(skipped), refresh=False)
         bar.close()
+        if writer.replacing and writer.samples == 0:
+            # Replacing an earlier run with nothing is a failure, not a result: keep the old shards.
+            first = skipped[0] if skipped else None
+            example = ""
+            if first is not None:
+                example = f"; the first, line {first['line']}: " + (f"{first['file']}: " if first["file"] else "")
+                example += first["reason"]
+            raise ManifestError(
+                f"no line of {str(manifest)!r} could be written ({len(skipped)} line(s) skipped{example}). The "
+                f"shards and stats.json already in {str(out)!r} were left as they were; fix the manifest and "
+                "run again"
+            )
 
     stats: dict[str, Any] = {
         "manifest": str(manifest.resolve()),
         "samples": writer.samples,
         "bytes": writer.bytes,
         "shards": [p.name for p in writer.shards],
+        "shard_samples": {p.name: n for p, n in zip(writer.shards, writer.shard_samples)},
         "layouts": layouts,
         "samples_per_shard": samples_per_shard,
         "max_shard_bytes": max_bytes,

@@ -34,12 +34,18 @@ Any sample that cannot be used — undecodable media, missing or malformed text/
 all be −100, a damaged tar — is skipped, logged (rate-limited) with its ``SHARD:KEY`` and counted by
 reason; the :class:`Loader` stops with :class:`~mm_llama.data.loader_stats.TooManySkippedError` when the
 skipped fraction exceeds ``max_skip_fraction`` (checked once ``min_samples_before_check`` samples were
-met, and again at the end of every epoch).
+met, and again at the end of every epoch). A damaged tar counts as one ``tar`` skip plus the samples it is
+known to have lost after the damage (``LoaderStats.lost``; "unknown count" when no ``stats.json`` says how
+many the shard held). A resampled loader whose shards yield no sample at all (0-byte files, git-lfs
+pointers, truncated or non-tar files) stops with
+:class:`~mm_llama.data.shard_source.UnreadableShardsError` naming the shards, instead of drawing forever.
+Per-sample limits: ``KEY.json`` nested deeper than ``MAX_JSON_DEPTH`` (64) is ``bad_metadata``; an image
+declaring more than ``MAX_IMAGE_PIXELS`` (40 MP) and a still image stored as a video member are
+``decode_image`` / ``decode_video`` skips.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import warnings
@@ -64,10 +70,12 @@ from mm_llama.data.collate import (
 )
 from mm_llama.data.decoders import decode_audio, decode_image, decode_video
 from mm_llama.data.image_transform import ImageTransform, TiledImage
+from mm_llama.data.json_limits import JSONLimitError, loads_limited
 from mm_llama.data.loader_stats import LoaderStats, StatsRecorder, TooManySkippedError
 from mm_llama.data.prompts import EmptyLabelsError, Example, build_example, speech_token_count
 from mm_llama.data.shard_source import (
     ShardSource,
+    UnreadableShardsError,
     expand_shards,
     mix_seed,
     node_info,
@@ -89,6 +97,7 @@ __all__ = [
     "Loader",
     "LoaderConfig",
     "TooManySkippedError",
+    "UnreadableShardsError",
     "audio_text_loader",
     "image_text_loader",
     "loader_for_task",
@@ -264,9 +273,9 @@ def _metadata(sample: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
     meta: Any = {}
     if sample.get("json") is not None:
         try:
-            meta = json.loads(bytes(sample["json"]))
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise _Skip("bad_metadata", f"KEY.json is not valid JSON ({type(e).__name__}: {e})") from None
+            meta = loads_limited(sample["json"])  # depth limit, lone surrogates, huge integers
+        except JSONLimitError as e:
+            raise _Skip("bad_metadata", f"KEY.json cannot be used: {e}") from None
         if not isinstance(meta, dict):
             raise _Skip("bad_metadata", f"KEY.json must hold an object, got {type(meta).__name__}")
     return text, meta
@@ -642,11 +651,7 @@ def _setup(config: LoaderConfig, tokenizer: Tokenizer | str | os.PathLike[str], 
     urls = expand_shards(config.shards)
     tok = _tokenizer(tokenizer)
     media = media if media is not None else MediaTokens(tok.vocab_size)
-    if media.vocab_size < tok.vocab_size:
-        raise ValueError(
-            f"media token ids start at {media.vocab_size} but the tokenizer has {tok.vocab_size} ids; "
-            "use MediaTokens(vocab_size) with the LM's vocabulary size"
-        )
+    media.check_tokenizer(tok)
     _, world_size = node_info(config.rank, config.world_size)
     if not config.resampled and len(urls) < world_size * max(config.num_workers, 1):
         warnings.warn(

@@ -16,12 +16,21 @@
     seed, different across workers and epochs. Bound the epoch with ``with_epoch`` (the pipelines'
     ``samples_per_epoch``).
 
-* :func:`tar_samples` reads the shards with webdataset's ``tarfile_to_samples`` and a
+* :func:`tar_samples` reads the shards with webdataset's tar iterators (``url_opener`` →
+  ``tar_file_expander`` → ``group_by_keys``, what ``tarfile_to_samples`` chains) and a
   :class:`TarErrorHandler`: a truncated or corrupt archive is skipped (its good members are kept) and
-  counted once per shard in the worker's :class:`~mm_llama.data.loader_stats.StatsRecorder`.
-  Python's ``tarfile`` silently ends an archive at a corrupt header that is not the first one, so for
-  local ``.tar`` files :func:`check_tar_end` first walks the headers and reports data it would leave
-  unread.
+  counted once per shard in the worker's :class:`~mm_llama.data.loader_stats.StatsRecorder`, with the
+  number of the shard's samples read before the damage and, when the shard's sample count is known
+  (:func:`expected_samples`: the ``stats.json`` that ``mm-llama shards`` writes beside its shards), the
+  number lost after it; otherwise "the rest of the shard (unknown count)".
+  Python's ``tarfile`` silently ends an archive at a corrupt header that is not the first one, and at
+  the end of the file when the end-of-archive marker is missing (a tar cut exactly at a member
+  boundary), so for local ``.tar`` files :func:`inspect_tar` first walks the headers and reports data
+  it would leave unread. Bytes after a proper end-of-archive marker (zero padding, trailing garbage)
+  lose nothing: they are noted once per shard (log level INFO), not counted.
+* A resampled source that cannot read anything stops with :class:`UnreadableShardsError` naming the
+  shards and why (0 bytes, git-lfs pointer, not a tar, ...) once every shard of the list was drawn
+  since the last sample was read, or after ``stall_limit`` shards in a row gave no sample.
 
 Seeds are mixed with :func:`mix_seed` (BLAKE2 of the integers), never with Python's ``hash`` of
 strings, so that orders are identical across processes and runs.
@@ -31,25 +40,33 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
-import tarfile
+import re
 from collections.abc import Iterable, Iterator, Sequence
-from functools import lru_cache
 from itertools import islice
 from typing import Any
 
 import torch
 import webdataset as wds
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 from mm_llama.data.loader_stats import StatsRecorder
+from mm_llama.data.tar_check import TarCheck, expected_samples_of, file_hint, inspect_tar_file
+
+logger = logging.getLogger("mm_llama.data")
 
 __all__ = [
     "SHARD_SUFFIXES",
     "ShardSource",
+    "TarCheck",
     "TarErrorHandler",
+    "UnreadableShardsError",
     "check_tar_end",
     "expand_shards",
+    "expected_samples",
+    "inspect_tar",
     "mix_seed",
     "node_info",
     "samples_per_worker",
@@ -244,46 +261,39 @@ class _WorkerSeed:
 # damaged archives
 
 
-def check_tar_end(url: str) -> str | None:
-    """For a local uncompressed ``.tar``: a message if the archive's headers end before its data does.
-
-    Python's ``tarfile`` (and so webdataset) stops at the first unreadable header after the first one
-    without raising, which would drop the rest of a shard silently. This walks the headers (seeking over
-    member data) and returns a message when non-zero bytes follow the point where reading stops; None
-    for an intact archive, for remote or compressed shards, and for archives whose reading raises (the
-    streaming reader then raises too, and that error is counted instead). Results are cached per
-    (path, size, modification time, inode), so resampling a shard does not walk it again.
-    """
+def inspect_tar(url: str) -> TarCheck:
+    """:func:`~mm_llama.data.tar_check.inspect_tar_file` for a local uncompressed ``.tar`` shard URL; an
+    empty (intact) check for remote or compressed shards."""
     path = _local_path(url)
-    if path is None or not path.endswith(".tar"):
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return _check_tar_end(path, st.st_size, st.st_mtime_ns, st.st_ino)
+    return TarCheck() if path is None else inspect_tar_file(path)
 
 
-@lru_cache(maxsize=4096)
-def _check_tar_end(path: str, size: int, mtime_ns: int, inode: int) -> str | None:
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for _ in tf:
-                pass
-            end = tf.offset
-        if end >= size:
-            return None
-        with open(path, "rb") as f:
-            f.seek(end)
-            tail = f.read(min(size - end, 1 << 20))
-    except (tarfile.TarError, OSError, EOFError, ValueError):
-        return None
-    if tail.strip(b"\0"):
-        return (
-            f"corrupt tar header at byte {end} of {size}: reading stops there and the members after it are lost "
-            "(re-write or re-download the shard)"
-        )
-    return None
+def check_tar_end(url: str) -> str | None:
+    """:func:`inspect_tar`'s ``problem``: a message when reading a local ``.tar`` would lose members."""
+    return inspect_tar(url).problem
+
+
+def expected_samples(url: str) -> int | None:
+    """How many samples shard `url` holds according to the ``stats.json`` beside it (None: unknown; see
+    :func:`~mm_llama.data.tar_check.expected_samples_of`)."""
+    path = _local_path(url)
+    return None if path is None else expected_samples_of(path)
+
+
+def _file_hint(url: str) -> str | None:
+    path = _local_path(url)
+    return None if path is None else file_hint(path)
+
+
+class UnreadableShardsError(ValueError):
+    """A resampled shard source drew shards that yield no sample at all (every shard of its list, or
+    `stall_limit` in a row). Constructible from one message string, so that PyTorch can re-raise it in
+    the main process when a DataLoader worker raises it."""
+
+
+def _why_no_samples(url: str, recorded: str | None) -> str:
+    """A short reason why shard `url` yielded no sample."""
+    return _file_hint(url) or recorded or "no sample in it (no tar member named KEY.EXT)"
 
 
 class TarErrorHandler:
@@ -300,8 +310,47 @@ class TarErrorHandler:
         args = getattr(exn, "args", ()) or ()
         shard = next((a for a in reversed(args) if isinstance(a, str) and a == self.recorder.current_shard), None)
         first = str(args[0]) if args else ""
-        self.recorder.shard_error(f"{type(exn).__name__}: {first}".strip(": "), shard)
+        first = re.sub(r" @ <[^>]*>$", "", first)  # webdataset appends the stream's repr
+        shard = shard or self.recorder.current_shard
+        message = f"{type(exn).__name__}: {first}".strip(": ")
+        hint = _file_hint(shard) if shard else None
+        if hint is not None and (hint.startswith("0 bytes") or hint.startswith("a git-lfs")):
+            message = f"{hint} ({message})"
+        self.recorder.shard_error(message, shard, expected=expected_samples(shard) if shard else None)
         return True
+
+
+class _CountMembers:
+    """Pipeline stage between the tar reader and the grouping into samples: notes each member's key,
+    so that a damaged archive can say how many of its samples were read before the damage."""
+
+    def __init__(self, recorder: StatsRecorder) -> None:
+        self.recorder = recorder
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for member in src:
+            fname = member.get("fname") if member else None
+            if isinstance(fname, str):
+                key, _ = base_plus_ext(fname)
+                if key is not None:
+                    self.recorder.member(key)
+            yield member
+
+
+class _TarSamples:
+    """webdataset's ``tarfile_to_samples`` with :class:`_CountMembers` between its stages."""
+
+    def __init__(self, recorder: StatsRecorder) -> None:
+        self.recorder = recorder
+        self.handler = TarErrorHandler(recorder)
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        streams = url_opener(src, handler=self.handler)
+        files = tar_file_expander(streams, handler=self.handler)
+        return group_by_keys(_CountMembers(self.recorder)(files), handler=self.handler)
+
+
+_noted_trailing: set[str] = set()
 
 
 class _CountRaw:
@@ -333,8 +382,9 @@ class ShardSource(torch.utils.data.IterableDataset):
         recorder: where opened shards and damaged archives are counted (a fresh one if None).
         check_tars: run :func:`check_tar_end` on local ``.tar`` shards before reading them.
         stall_limit: resampled mode only — after this many shards in a row that yield no sample at all
-            (neither used nor skipped), raise instead of drawing forever (default
-            ``max(100, 10 · number of shards)``).
+            (empty, unreadable, damaged before their first sample), raise `UnreadableShardsError` instead of
+            drawing forever (default ``max(100, 10 · number of shards)``). The source also raises as soon
+            as every shard of the list was drawn since the last sample was read (usually much earlier).
 
     Each ``iter()`` is one *repetition*; `with_epoch` repeats an exhausted source within an epoch, and
     each repetition gets its own shuffle. `set_epoch` resets the repetition count, so iteration is
@@ -395,23 +445,46 @@ class ShardSource(torch.utils.data.IterableDataset):
         else:
             urls = self.shards_for(worker_id, num_workers, repetition)
         recorder = self.recorder
-        stalled, last = 0, None
+        everything = set(self.urls)
+        dry: list[str] = []  # shards drawn since the last sample was read, in order
+        dry_set: set[str] = set()
         for url in urls:
-            if self.resampled:
-                progress = recorder.progress
-                stalled = stalled + 1 if progress == last else 0
-                last = progress
-                if stalled >= self.stall_limit:
-                    raise ValueError(
-                        f"opened {stalled} shards in a row without finding a single sample (e.g. {url!r}); "
-                        "are these webdataset shards (tar members named KEY.EXT)? Check the shard list"
-                    )
             recorder.shard_opened(url)
             if self.check_tars:
-                problem = check_tar_end(url)
-                if problem is not None:
-                    recorder.shard_error(problem, url)
+                check = inspect_tar(url)
+                if check.problem is not None:
+                    recorder.shard_error(check.problem, url, read=check.readable, expected=expected_samples(url))
+                if check.trailing is not None and url not in _noted_trailing:
+                    _noted_trailing.add(url)
+                    logger.info("%s: %s", url, check.trailing)
+            before = recorder.progress
             yield {"url": url}
+            if not self.resampled:
+                continue
+            if recorder.progress != before:
+                dry.clear()
+                dry_set.clear()
+                continue
+            dry.append(url)
+            dry_set.add(url)
+            if dry_set >= everything or len(dry) >= self.stall_limit:
+                raise UnreadableShardsError(self._explain_dry(dry, dry_set >= everything))
+
+    def _explain_dry(self, dry: list[str], every: bool) -> str:
+        shown = list(dict.fromkeys(reversed(dry)))[:5]
+        reasons = "; ".join(f"{u} ({_why_no_samples(u, self.recorder.shard_problems.get(u))})" for u in shown)
+        more = len(set(dry)) - len(shown)
+        head = (
+            f"the resampled loader drew every one of its {len(set(self.urls))} shard(s) ({len(dry)} draws in a "
+            "row) without finding a single sample, so it can read nothing" if every else
+            f"the resampled loader drew {len(dry)} shards in a row (stall_limit={self.stall_limit}) without "
+            "finding a single sample"
+        )
+        return (
+            f"{head}: {reasons}{f'; and {more} more' if more > 0 else ''}. Check the shard list: the files must "
+            "be webdataset .tar shards (members named KEY.EXT), fully downloaded (not git-lfs pointers, not "
+            "truncated)"
+        )
 
     def __repr__(self) -> str:
         mode = "resampled" if self.resampled else "epochs"
@@ -424,4 +497,4 @@ class ShardSource(torch.utils.data.IterableDataset):
 def tar_samples(source: ShardSource) -> list[Any]:
     """Pipeline stages turning `source`'s shards into webdataset samples
     (``{"__key__", "__url__", ext: bytes, ...}``), damaged archives counted in ``source.recorder``."""
-    return [source, wds.tarfile_to_samples(handler=TarErrorHandler(source.recorder)), _CountRaw(source.recorder)]
+    return [source, _TarSamples(source.recorder), _CountRaw(source.recorder)]

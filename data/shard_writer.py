@@ -7,6 +7,12 @@ new shard when the next sample would exceed `samples_per_shard` samples or `max_
 - **Atomic**: a shard is written to `PREFIX-NNNNNN.tar.tmp` and renamed to `PREFIX-NNNNNN.tar` only
   once it is complete and synced, so readers (and a rerun after a crash) never see a half-written
   `.tar`. If the `with` block raises, the unfinished `.tmp` is deleted; finished shards stay.
+- **Overwrite only on success**: with `overwrite=True` and shards of an earlier run in `OUT_DIR`, the
+  new shards are written into a hidden staging folder inside `OUT_DIR` (`.shards-new-XXXX/`, the same
+  file system) and moved over the old ones only when `close()` succeeds; the old shards that the new
+  run does not replace are deleted then. If the run fails (the `with` block raises), the staging folder
+  is deleted and the earlier shards are left exactly as they were. (A run killed outright can leave a
+  `.shards-new-XXXX/` folder; readers ignore it and the next successful overwrite removes it.)
 - **Reproducible**: tar headers carry fixed mtime (0), uid/gid (0), user/group names and mode (0o444),
   and members of a sample are written in sorted extension order (webdataset's `TarWriter`), so the same
   samples in the same order always give byte-identical shards.
@@ -21,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -34,6 +42,7 @@ RECORD = 20 * BLOCK  # tarfile pads the archive to a multiple of this
 END_OF_ARCHIVE = 2 * BLOCK
 MAX_MEMBER_NAME = 100  # ustar name field; keys contain no "/", so the prefix field cannot help
 
+_STAGING_PREFIX = ".shards-new-"  # hidden folder in OUT_DIR holding an overwriting run's new shards
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _EXT_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -87,10 +96,13 @@ class ShardWriter:
         max_shard_bytes: if set, at most this many bytes per shard file (see module docstring).
         overwrite: if False (default) the writer refuses to start when `out_dir` already holds
             `PREFIX-NNNNNN.tar` or `.tar.tmp` files from an earlier run (stale shards would mix with new
-            ones); if True it deletes them first.
+            ones); if True the new shards replace them when `close()` succeeds (see the module
+            docstring: a failed run leaves them intact).
 
-    Attributes (read-only properties): `shards` (paths of completed shards, in order), `samples`
-    (samples written), `bytes` (bytes of the completed shards plus the open shard's members so far).
+    Attributes (read-only properties): `shards` (paths of completed shards, in order; inside the staging
+    folder until an overwriting writer is closed), `shard_samples` (samples per completed shard),
+    `samples` (samples written), `bytes` (bytes of the completed shards plus the open shard's members
+    so far).
     """
 
     def __init__(
@@ -118,18 +130,20 @@ class ShardWriter:
         self.samples_per_shard = samples_per_shard
         self.max_shard_bytes = max_shard_bytes
 
-        pattern = re.compile(rf"^{re.escape(prefix)}-\d{{6,}}\.tar(\.tmp)?$")
-        stale = sorted(p for p in self.out_dir.iterdir() if pattern.match(p.name))
+        stale = self.existing_shards()
         if stale and not overwrite:
             raise ValueError(
                 f"{str(self.out_dir)!r} already holds {len(stale)} shard file(s) named {prefix}-NNNNNN.tar "
                 f"(e.g. {stale[0].name}) from an earlier run; choose an empty folder, another prefix, "
                 "or overwrite them (overwrite=True, `--overwrite` on the command line)"
             )
-        for p in stale:
-            p.unlink()
+        # Replacing an earlier run: write beside it, swap in close() (module docstring).
+        self._staging: Path | None = (
+            Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=self.out_dir)) if stale else None
+        )
 
         self._shards: list[Path] = []
+        self._shard_counts: list[int] = []
         self._keys: set[str] = set()
         self._samples = 0
         self._done_bytes = 0
@@ -148,6 +162,21 @@ class ShardWriter:
         return list(self._shards)
 
     @property
+    def shard_samples(self) -> list[int]:
+        """Samples in each completed shard, in the order of `shards`."""
+        return list(self._shard_counts)
+
+    @property
+    def replacing(self) -> bool:
+        """True while an overwriting writer stages new shards beside those of an earlier run."""
+        return self._staging is not None
+
+    def existing_shards(self) -> list[Path]:
+        """`PREFIX-NNNNNN.tar` / `.tar.tmp` files in `out_dir` itself (the staging folder excluded)."""
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-\d{{6,}}\.tar(\.tmp)?$")
+        return sorted(p for p in self.out_dir.iterdir() if pattern.match(p.name) and not p.is_dir())
+
+    @property
     def samples(self) -> int:
         """Samples written so far (all shards, the open one included)."""
         return self._samples
@@ -163,7 +192,8 @@ class ShardWriter:
     # -- writing --------------------------------------------------------------------------------
 
     def _shard_path(self, index: int) -> Path:
-        return self.out_dir / f"{self.prefix}-{index:06d}.tar"
+        folder = self._staging if self._staging is not None else self.out_dir
+        return folder / f"{self.prefix}-{index:06d}.tar"
 
     def _open_shard(self) -> None:
         final = self._shard_path(len(self._shards))
@@ -183,6 +213,7 @@ class ShardWriter:
         final = self._tmp.with_name(self._tmp.name[: -len(".tmp")])
         os.replace(self._tmp, final)
         self._shards.append(final)
+        self._shard_counts.append(self._shard_samples)
         self._done_bytes += final.stat().st_size
         self._tar = self._file = self._tmp = None
         self._shard_samples = self._shard_bytes = 0
@@ -201,6 +232,35 @@ class ShardWriter:
                     self._tmp.unlink(missing_ok=True)
         self._tar = self._file = self._tmp = None
         self._shard_bytes = 0
+        self._drop_staging()
+
+    def _drop_staging(self) -> None:
+        """A failed overwriting run: delete the new shards, keep the earlier run's."""
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+            self._shards = []
+            self._shard_counts = []
+
+    def _swap(self) -> None:
+        """A successful overwriting run: move the staged shards over the earlier run's, drop the rest."""
+        if self._staging is None:
+            return
+        final: list[Path] = []
+        for staged in self._shards:
+            target = self.out_dir / staged.name
+            os.replace(staged, target)
+            final.append(target)
+        keep = {p.name for p in final}
+        for old in self.existing_shards():
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+        shutil.rmtree(self._staging, ignore_errors=True)
+        for leftover in self.out_dir.glob(f"{_STAGING_PREFIX}*"):  # of earlier runs that were killed
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        self._staging = None
+        self._shards = final
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
         """Write one sample: `files` maps extension → content; member `KEY.EXT` for each entry.
@@ -265,6 +325,7 @@ class ShardWriter:
             return
         try:
             self._finish_shard()
+            self._swap()
         except BaseException:
             self._abort()
             raise

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from mm_llama.data.json_limits import loads_limited
 from mm_llama.data.loader_stats import STAGES, LoaderStats, TooManySkippedError
 
 TASKS = ("caption", "vqa", "video_caption", "video_qa", "asr", "ast")
@@ -176,10 +177,10 @@ def shard_texts(urls: list[str], limit: int = 20000) -> list[str]:
                         if name.endswith(".txt"):
                             texts.append(raw.decode("utf-8"))
                         else:
-                            meta = json.loads(raw)
+                            meta = loads_limited(raw)  # a deeply nested KEY.json is skipped, not a crash
                             if isinstance(meta, dict):
                                 texts += [v for k in _TEXT_FIELDS if isinstance(v := meta.get(k), str)]
-                    except (UnicodeDecodeError, ValueError):
+                    except (UnicodeDecodeError, ValueError):  # JSONLimitError is a ValueError
                         continue
                     if len(texts) >= limit:
                         return texts
@@ -295,15 +296,19 @@ def run_data(args: argparse.Namespace) -> int:
           file=out)
     if multi is not None:
         line(multi[0])
-    skipped = inproc_stats.skipped_total + (multi[1].skipped_total if multi is not None else 0)
-    seen = inproc_stats.seen + (multi[1].seen if multi is not None else 0)
+    both = LoaderStats().merge(inproc_stats)
+    if multi is not None:
+        both.merge(multi[1])
+    skipped, seen = both.unusable, both.seen  # skipped samples + samples known lost in damaged shards
     print(f"  skipped: {skipped} of {seen} samples" + (
-        f" ({', '.join(f'{r} {c}' for r, c in inproc_stats.skipped.most_common(3))})" if skipped else ""), file=out)
+        f" ({', '.join(f'{r} {c}' for r, c in both.skipped.most_common(3))})" if both.skipped_total else "")
+        + (f"; {both.lost_text()}" if both.lost or both.lost_unknown else ""), file=out)
     if args.json:
         print(json.dumps({
             "task": args.task, "shards": len(urls), "baseline": baseline.as_dict(),
             "in_process": inproc.as_dict(), "workers": multi[0].as_dict() if multi is not None else None,
-            "stage_fractions": fractions, "skipped": skipped,
+            "stage_fractions": fractions, "skipped": skipped, "lost": both.lost,
+            "lost_unknown_shards": both.lost_unknown,
             "ratio_in_process": inproc.per_worker_mb_per_s / baseline.mb_per_s if baseline.mb_per_s else 0.0,
             "ratio_per_worker": (multi[0].per_worker_mb_per_s / baseline.mb_per_s
                                  if multi is not None and baseline.mb_per_s else None),

@@ -22,8 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             '"answer": TEXT}, {"audio": PATH, "text": TEXT, "language": LANG[, "translation": TEXT]}, '
             '{"video": PATH, "caption": TEXT}, with an optional "key". Relative paths resolve against the '
             "manifest's folder. Every media file is decoded to validate it; bad lines are skipped and listed "
-            "in stats.json. Exit status: 0 all lines written, 1 some lines skipped, 2 nothing could be done "
-            "(unusable manifest or output folder). Layouts: data/LAYOUTS.md."
+            "in stats.json with their line numbers (a line nested deeper than 64 levels, with a 5,000-digit number "
+            "or a lone surrogate is such a line). Exit status: 0 all lines written, 1 some lines skipped, 2 "
+            "nothing could be done (unusable manifest or output folder; with --overwrite the earlier shards are "
+            "kept). Layouts: data/LAYOUTS.md."
         ),
     )
     p.add_argument("manifest", type=Path, metavar="MANIFEST.jsonl", help="JSONL manifest, one sample per line")
@@ -35,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also start a new shard before a shard file would exceed M megabytes (10^6 bytes); "
                    "a single larger sample gets a shard of its own (default: no size limit)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace shards that an earlier run left in OUTDIR (default: refuse to mix runs)")
+                   help="replace shards that an earlier run left in OUTDIR, once this run has succeeded (a failed "
+                   "run, or one that writes no sample, leaves them and their stats.json as they were; default: "
+                   "refuse to mix runs)")
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     p.set_defaults(run=run)
 
