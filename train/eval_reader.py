@@ -27,7 +27,6 @@ recorded with ``key=None``; the samples read from it before the damage are kept.
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 import warnings
@@ -39,6 +38,7 @@ from PIL import Image
 
 from mm_llama.data.shard_source import expand_shards
 from mm_llama.data.decoders import DecodeError, decode_image
+from mm_llama.data.json_limits import JSONLimitError, loads_limited
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -268,9 +268,9 @@ class EvalShardReader:
         meta: Any = {}
         if "json" in group:
             try:
-                meta = json.loads(group["json"].decode("utf-8"))
-            except (ValueError, UnicodeDecodeError, RecursionError) as e:
-                self.skip(url, key, f"KEY.json is not valid UTF-8 JSON ({type(e).__name__}: {e})")
+                meta = loads_limited(group["json"])  # the training loader's limits: depth, surrogates, huge ints
+            except JSONLimitError as e:
+                self.skip(url, key, f"KEY.json cannot be used: {e}")
                 return None
             if not isinstance(meta, dict):
                 self.skip(url, key, f"KEY.json must hold a JSON object, got {type(meta).__name__}")

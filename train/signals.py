@@ -7,8 +7,8 @@
                 save_checkpoint(...)
                 break
 
-A second SIGINT while a stop is already pending raises `KeyboardInterrupt` (someone pressing Ctrl-C
-twice wants out now). The previous handlers are restored on exit. Signal handlers can only be
+A second signal while a stop is already pending raises `KeyboardInterrupt` (someone pressing Ctrl-C twice,
+or a scheduler repeating SIGTERM, wants out now, even while a step or the data loader is stuck). The previous handlers are restored on exit. Signal handlers can only be
 installed from the main thread; elsewhere the context manager raises.
 """
 
@@ -31,7 +31,7 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
-        if self.stop_requested and sig == signal.SIGINT:
+        if self.stop_requested:
             raise KeyboardInterrupt(f"second {sig.name} while a stop was pending")
         self.stop_requested = True
         self.received = sig

@@ -296,6 +296,16 @@ def test_reader_skips_and_names_damaged_samples_and_shards(damaged_dir: Path) ->
     assert any("b.tar" in m for m in messages)
 
 
+def test_reader_skips_deeply_nested_json_like_the_training_loader(synth_dir: Path, tmp_path: Path) -> None:
+    members = _read_tar(sorted((synth_dir / "image-qa").glob("*.tar"))[0])[:4]  # 2 samples: json + png each
+    first_json = next(i for i, (name, _) in enumerate(members) if name.endswith(".json"))
+    members[first_json] = (members[first_json][0], b"[" * 100_000 + b"]" * 100_000)  # RecursionError for json.loads
+    reader = EvalShardReader(_write_tar(tmp_path / "deep.tar", members))
+    with pytest.warns(CorruptSampleWarning, match="nested deeper than the limit"):
+        samples = list(reader)
+    assert len(samples) == 1 and len(reader.skipped) == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluate, end to end on a tiny model
 

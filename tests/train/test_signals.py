@@ -37,3 +37,14 @@ def test_sigint_once_requests_a_stop_twice_interrupts() -> None:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1.0)  # the second one raises here
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_a_second_sigterm_interrupts_a_stuck_run() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="second SIGTERM"):
+        with StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            _wait_for(stop)
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. the loader never returns: the scheduler asks again
+            time.sleep(1.0)
+    assert signal.getsignal(signal.SIGTERM) == before
