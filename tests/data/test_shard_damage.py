@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -26,7 +25,7 @@ from mm_llama.data.shard_source import (
     inspect_tar,
     tar_samples,
 )
-from mm_llama.data.shard_writer import ShardWriter
+from tests.data.shard_helpers import member_offsets, write_text_shards
 
 LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
                b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 12345\n")
@@ -52,28 +51,9 @@ def deadline() -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def write_text_shards(out: Path, n_samples: int, per_shard: int, *, stats: bool = True) -> list[str]:
-    """Text-only shards (`KEY.txt` + `KEY.json`, keys s0000, ...) and, if `stats`, a stats.json such as
-    `mm-llama shards` writes (with `shard_samples`)."""
-    with ShardWriter(out, samples_per_shard=per_shard) as w:
-        for i in range(n_samples):
-            w.write(f"s{i:04d}", {"txt": f"sample {i}", "json": f'{{"i": {i}}}'})
-    if stats:
-        (out / "stats.json").write_text(json.dumps({
-            "samples": n_samples, "shards": [p.name for p in w.shards], "samples_per_shard": per_shard,
-            "max_shard_bytes": None, "shard_samples": {p.name: n for p, n in zip(w.shards, w.shard_samples)},
-        }))
-    return [str(p) for p in w.shards]
-
-
 def read(shards: list[str], recorder: StatsRecorder, **kw: object) -> list[str]:
     source = ShardSource(shards, rank=0, world_size=1, shuffle=False, recorder=recorder, **kw)  # type: ignore[arg-type]
     return [s["__key__"] for s in wds.DataPipeline(*tar_samples(source))]
-
-
-def member_offsets(path: str) -> list[int]:
-    with tarfile.open(path) as tf:
-        return [m.offset for m in tf.getmembers()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,7 +85,7 @@ def test_tar_cut_at_member_boundary_is_counted(tmp_path: Path, with_stats: bool)
 
 
 def test_tar_cut_mid_member_records_read_and_lost(tmp_path: Path) -> None:
-    shards = write_text_shards(tmp_path, 40, 20)
+    shards = write_text_shards(tmp_path, 40, 20, stats=True)
     offsets = member_offsets(shards[0])
     data = Path(shards[0]).read_bytes()
     Path(shards[0]).write_bytes(data[: offsets[21] + 512 + 3])  # inside the data of s0010.txt
@@ -133,7 +113,7 @@ def test_expected_samples_from_old_stats_json(tmp_path: Path) -> None:
 
 
 def test_bytes_after_the_end_marker_are_not_lost_members(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    shards = write_text_shards(tmp_path, 8, 4)
+    shards = write_text_shards(tmp_path, 8, 4, stats=True)
     with open(shards[0], "ab") as f:
         f.write(b"\0" * 4096 + b"trailing garbage that is no tar header" * 20)
     assert check_tar_end(shards[0]) is None
@@ -147,7 +127,7 @@ def test_bytes_after_the_end_marker_are_not_lost_members(tmp_path: Path, caplog:
 
 
 def test_members_hidden_after_zero_blocks_are_counted(tmp_path: Path) -> None:
-    shards = write_text_shards(tmp_path, 8, 4)
+    shards = write_text_shards(tmp_path, 8, 4, stats=True)
     offsets = member_offsets(shards[0])
     data = bytearray(Path(shards[0]).read_bytes())
     data[offsets[4]:offsets[4] + 1024] = b"\0" * 1024  # s0002.json's header and data zeroed: an early end
@@ -229,7 +209,7 @@ def test_every_cut_point_is_accounted_for(tmp_path: Path) -> None:
     junk after its end: with stats.json, samples read + samples counted as lost is always 12."""
     src = tmp_path / "src"
     src.mkdir()
-    shards = write_text_shards(src, 12, 6)
+    shards = write_text_shards(src, 12, 6, stats=True)
     data = Path(shards[0]).read_bytes()
     variants = [data[:cut] for cut in range(0, len(data), 512)] + [data + b"junk" * 100]
     for i, variant in enumerate(variants):

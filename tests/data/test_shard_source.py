@@ -7,7 +7,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 
 from mm_llama.data import shard_source
 from mm_llama.data.loader_stats import LoaderStats, StatsRecorder, TooManySkippedError
@@ -20,21 +19,8 @@ from mm_llama.data.shard_source import (
     samples_per_worker,
     split_by_node,
     split_by_worker,
-    tar_samples,
 )
-from mm_llama.data.shard_writer import ShardWriter
-
-
-def write_text_shards(out: Path, n_samples: int, per_shard: int, prefix: str = "shard") -> list[str]:
-    """Shards of `n_samples` text-only samples (`KEY.txt` + `KEY.json`), keys `s0000`, `s0001`, ..."""
-    with ShardWriter(out, prefix=prefix, samples_per_shard=per_shard) as w:
-        for i in range(n_samples):
-            w.write(f"s{i:04d}", {"txt": f"sample {i}", "json": f'{{"i": {i}}}'})
-    return [str(p) for p in w.shards]
-
-
-def read_keys(source: ShardSource) -> list[str]:
-    return [s["__key__"] for s in wds.DataPipeline(*tar_samples(source))]
+from tests.data.shard_helpers import member_offsets, read_keys, write_text_shards
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,11 +140,6 @@ def test_resampled_is_reproducible_per_seed_epoch_and_worker(tmp_path: Path, mon
 # damaged archives
 
 
-def _member_offsets(path: str) -> list[int]:
-    with tarfile.open(path) as tf:
-        return [m.offset for m in tf.getmembers()]
-
-
 def test_intact_tar_passes_the_end_check(tmp_path: Path) -> None:
     shards = write_text_shards(tmp_path, 4, 4)
     assert check_tar_end(shards[0]) is None
@@ -167,7 +148,7 @@ def test_intact_tar_passes_the_end_check(tmp_path: Path) -> None:
 
 def test_corrupt_header_is_counted_not_silent(tmp_path: Path) -> None:
     shards = write_text_shards(tmp_path, 6, 6)
-    offsets = _member_offsets(shards[0])  # 12 members: s0000.json, s0000.txt, s0001.json, ...
+    offsets = member_offsets(shards[0])  # 12 members: s0000.json, s0000.txt, s0001.json, ...
     data = bytearray(Path(shards[0]).read_bytes())
     data[offsets[6] + 10] ^= 0xFF  # the header of s0003.json
     Path(shards[0]).write_bytes(bytes(data))
@@ -181,7 +162,7 @@ def test_corrupt_header_is_counted_not_silent(tmp_path: Path) -> None:
 
 def test_truncated_tar_is_skipped_and_counted_once(tmp_path: Path) -> None:
     shards = write_text_shards(tmp_path, 8, 4)
-    offsets = _member_offsets(shards[0])
+    offsets = member_offsets(shards[0])
     data = Path(shards[0]).read_bytes()
     Path(shards[0]).write_bytes(data[: offsets[5] + 512 + 3])  # inside the data of s0002.txt
     recorder = StatsRecorder()

@@ -144,20 +144,6 @@ def test_float_fields_accept_json_integers(hf_dir: Path, tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------------------------------- Mllama
-@pytest.fixture(scope="module")
-def mllama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.reference.hf_mllama import save_hf_mllama, tiny_hf_mllama
-
-    return save_hf_mllama(tiny_hf_mllama(), tmp_path_factory.mktemp("mllama"))
-
-
-@pytest.fixture(scope="module")
-def meta_mllama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.reference.hf_mllama import tiny_hf_mllama, write_meta_mllama
-
-    return write_meta_mllama(tiny_hf_mllama(), tmp_path_factory.mktemp("meta-mllama"))
-
-
 MLLAMA_CASES = [
     ("text_config-list", _set("text_config", [1]),
      r"config\.json: 'text_config' is \[1\] \(list\); expected a JSON object"),

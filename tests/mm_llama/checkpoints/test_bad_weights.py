@@ -32,20 +32,6 @@ def sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_hf(tiny_model(), tmp_path_factory.mktemp("sharded"), max_shard_bytes=150_000)
 
 
-@pytest.fixture(scope="module")
-def mllama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.reference.hf_mllama import save_hf_mllama, tiny_hf_mllama
-
-    return save_hf_mllama(tiny_hf_mllama(), tmp_path_factory.mktemp("mllama"))
-
-
-@pytest.fixture(scope="module")
-def meta_mllama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.reference.hf_mllama import tiny_hf_mllama, write_meta_mllama
-
-    return write_meta_mllama(tiny_hf_mllama(), tmp_path_factory.mktemp("meta-mllama"))
-
-
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
