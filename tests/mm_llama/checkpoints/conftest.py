@@ -1,10 +1,22 @@
-"""Tiny Llama 3.2 Vision checkpoints (HF and Meta layout) shared by the bad-checkpoint tests."""
+"""Tiny valid checkpoints (text and Llama 3.2 Vision, HF and Meta layout) that the bad-checkpoint tests break."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+from tests.mm_llama.checkpoints.broken import write_hf, write_meta
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_hf(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module")
+def meta_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_meta(tmp_path_factory.mktemp("meta"))
 
 
 @pytest.fixture(scope="module")

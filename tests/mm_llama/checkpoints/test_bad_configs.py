@@ -11,7 +11,7 @@ import pytest
 
 from mm_llama.checkpoints import CheckpointError, load_llama
 from mm_llama.checkpoints.multimodal_loading import load_multimodal
-from tests.mm_llama.checkpoints.broken import edit_json, write_hf, write_meta
+from tests.mm_llama.checkpoints.broken import edit_json
 
 
 def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -76,16 +76,6 @@ META_CASES = [
     ("scaled-rope-str", _set("use_scaled_rope", "yes"),
      r"'use_scaled_rope' is \"yes\" \(str\); expected true or false"),
 ]
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_hf(tmp_path_factory.mktemp("hf"))
-
-
-@pytest.fixture(scope="module")
-def meta_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_meta(tmp_path_factory.mktemp("meta"))
 
 
 def _broken(src: Path, dst: Path, file: str, change: Callable[[dict[str, Any]], Any]) -> Path:

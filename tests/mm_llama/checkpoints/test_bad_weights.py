@@ -14,17 +14,7 @@ import torch
 
 from mm_llama.checkpoints import CheckpointError, load_llama, save_hf
 from mm_llama.checkpoints.multimodal_loading import load_multimodal
-from tests.mm_llama.checkpoints.broken import edit_json, edit_pth, edit_safetensors, tiny_model, write_hf, write_meta
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_hf(tmp_path_factory.mktemp("hf"))
-
-
-@pytest.fixture(scope="module")
-def meta_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_meta(tmp_path_factory.mktemp("meta"))
+from tests.mm_llama.checkpoints.broken import edit_json, edit_pth, edit_safetensors, tiny_model
 
 
 @pytest.fixture(scope="module")
