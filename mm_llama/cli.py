@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Sequence
 
+from mm_llama.checkpoints.files import one_line
 from mm_llama.commands import PARSERS
 
 # Set to 1 to see the Python traceback of an unexpected error instead of its one-line summary.
@@ -25,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(e: BaseException) -> str:
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    return " ".join(str(message).split()) or type(e).__name__
+    if isinstance(e, KeyError) and e.args:  # KeyError's str() quotes its message
+        e = ValueError(e.args[0])
+    return one_line(e, limit=10_000)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

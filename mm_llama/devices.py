@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mm_llama.checkpoints.loading import DTYPES
+from mm_llama.checkpoints.loading import parse_dtype
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
@@ -34,7 +34,5 @@ def pick_device(device: str | None = None, dtype: str | None = None) -> tuple[to
     if chosen.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device} asked for Apple MPS, which this machine does not have; use cpu")
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(DTYPES))}")
-        return chosen, DTYPES[dtype]
+        return chosen, parse_dtype(dtype)
     return chosen, torch.bfloat16 if chosen.type == "cuda" else torch.float32
