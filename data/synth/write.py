@@ -1,15 +1,18 @@
 """Write a synthetic kind as webdataset shards through `mm_llama.data.shard_writer.ShardWriter`.
 
-Folder layout (one ``OUTDIR`` can hold every kind and every split; shard names start with the split)::
+Folder layout (one ``OUTDIR`` can hold every kind and every split; shard names start with the split, or with
+``glyphs-`` and the split for glyphs, which shares the image folders with shapes)::
 
-    OUTDIR/image-caption/{split}-000000.tar   shapes: KEY.png + KEY.txt + KEY.json (caption, qa list)
-    OUTDIR/image-qa/{split}-000000.tar        shapes: KEY-qJ.png + KEY-qJ.json (question, answer)
-    OUTDIR/video-caption/{split}-000000.tar   moving-shapes: KEY.mp4 + KEY.txt + KEY.json
-    OUTDIR/video-qa/{split}-000000.tar        moving-shapes: KEY-qJ.mp4 + KEY-qJ.json (question, answer)
-    OUTDIR/speech/{split}-000000.tar          speech: KEY.flac + KEY.json (text, language, duration, ...)
-    OUTDIR/text/{split}-000000.tar            text: KEY.txt (one document; chat=True: chat-formatted)
-    OUTDIR/text/{split}-corpus.txt            text: all documents (plain form), blank-line separated
-    OUTDIR/synth-{kind}-{split}.json          what was written (arguments, shards, samples, bytes)
+    OUTDIR/image-caption/{split}-000000.tar          shapes: KEY.png + KEY.txt + KEY.json (caption, qa list)
+    OUTDIR/image-qa/{split}-000000.tar               shapes: KEY-qJ.png + KEY-qJ.json (question, answer)
+    OUTDIR/image-caption/glyphs-{split}-000000.tar   glyphs: as shapes (one character, identity/position QA)
+    OUTDIR/image-qa/glyphs-{split}-000000.tar        glyphs: as shapes
+    OUTDIR/video-caption/{split}-000000.tar          moving-shapes: KEY.mp4 + KEY.txt + KEY.json
+    OUTDIR/video-qa/{split}-000000.tar               moving-shapes: KEY-qJ.mp4 + KEY-qJ.json (question, answer)
+    OUTDIR/speech/{split}-000000.tar                 speech: KEY.flac + KEY.json (text, language, duration, ...)
+    OUTDIR/text/{split}-000000.tar                   text: KEY.txt (one document; chat=True: chat-formatted)
+    OUTDIR/text/{split}-corpus.txt                   text: all documents (plain form), blank-line separated
+    OUTDIR/synth-{kind}-{split}.json                 what was written (arguments, shards, samples, bytes)
 
 Every file is a pure function of (kind, seed, split, n, options): samples are generated independently
 (`splits.sample_rng`) and written in index order, also with ``workers > 1``.
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mm_llama.atomic_file import atomic_write
-from mm_llama.data.synth import moving_shapes, shapes, speech, text
+from mm_llama.data.synth import glyphs, moving_shapes, shapes, speech, text
 from mm_llama.data.synth.splits import check_split
 
 Records = dict[str, list[tuple[str, dict[str, bytes]]]]
@@ -45,11 +48,17 @@ class KindSpec:
     options: tuple[str, ...] = ()
     corpus_records: str | None = None  # key of `records`' result whose texts go to the corpus file, not a shard
     description: str = ""
+    shard_prefix: str = ""  # before the split in shard names; a kind sharing another's layout folders needs one
 
 
 KINDS: dict[str, KindSpec] = {
     "shapes": KindSpec("shapes", shapes.LAYOUTS, shapes.shapes_records, options=("square",),
                        description="PNG images of 1-3 coloured shapes with captions and QA"),
+    # glyphs writes shapes' layouts under its own shard names; `train.demo` finds a layout's kind as the
+    # first match, so shapes stays first
+    "glyphs": KindSpec("glyphs", glyphs.LAYOUTS, glyphs.glyphs_records, shard_prefix="glyphs-",
+                       description="128x128 PNG images of one digit or letter in a 3x3 grid cell, with "
+                                   "identity and position QA"),
     "moving-shapes": KindSpec("moving-shapes", moving_shapes.LAYOUTS, moving_shapes.moving_shapes_records,
                               description="mp4 clips of a shape that moves or changes colour, captions and QA"),
     "speech": KindSpec("speech", speech.LAYOUTS, speech.speech_records, options=("noise_prob",),
@@ -118,7 +127,7 @@ def write_synth(
     """Generate ``n`` samples of ``kind`` for ``(seed, split)`` and write them as shards under ``out_dir``.
 
     Args:
-        kind: one of `KINDS` (``shapes``, ``moving-shapes``, ``speech``, ``text``).
+        kind: one of `KINDS` (``shapes``, ``glyphs``, ``moving-shapes``, ``speech``, ``text``).
         out_dir: output folder; each layout gets a sub-folder (see the module docstring).
         n: number of samples (images, clips, utterances or documents). QA layouts get one record per
             selected question, so they hold more records than ``n``.
@@ -154,7 +163,7 @@ def write_synth(
     start = time.perf_counter()
     make = partial(spec.records, seed, split, **options)
     writers = {
-        layout: ShardWriter(out / layout, prefix=split, samples_per_shard=samples_per_shard,
+        layout: ShardWriter(out / layout, prefix=spec.shard_prefix + split, samples_per_shard=samples_per_shard,
                             max_shard_bytes=max_shard_bytes, overwrite=overwrite)
         for layout in spec.layouts
     }
