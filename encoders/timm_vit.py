@@ -60,6 +60,8 @@ from mm_llama.encoders.tiling import num_aspect_ratio_ids
 
 _log = logging.getLogger(__name__)
 
+DEFAULT_POS_EMBED_INIT_STD = 0.6
+"""Position-embedding std of a randomly initialised backbone: the RMS of patch embeddings at init."""
 PAPER_TAPS: tuple[int, ...] = (3, 7, 15, 23, 30)
 """Block indices (0-based) whose input hidden states the paper taps (its layers 4, 8, 16, 24, 31)."""
 
@@ -85,6 +87,10 @@ class TimmEncoderConfig:
     `n_gated_layers`: new gated self-attention layers over all tiles of an image (paper: 8).
     `gated_num_heads` / `gated_mlp_dim`: sizes of those layers; None copies the backbone's blocks.
     `weights`: a local `.safetensors` / `.pth` / `.bin` backbone state dict, or None (random init).
+    `pos_embed_init_std`: std of the learned position embedding when the backbone starts from random
+    weights (no `weights`); None keeps timm's 0.02. Patch embeddings of normalised pixels start with an
+    RMS near 0.6, so at timm's scale a from-scratch ViT hardly knows where a patch is and, on small data,
+    learns spatial content (shape, position, characters) several times slower. Loaded weights replace it.
     """
 
     model_name: str = "vit_huge_patch14_clip_336"
@@ -96,9 +102,13 @@ class TimmEncoderConfig:
     gated_num_heads: int | None = None
     gated_mlp_dim: int | None = None
     weights: str | None = None
+    pos_embed_init_std: float | None = DEFAULT_POS_EMBED_INIT_STD
 
     def __post_init__(self) -> None:
         self.taps = tuple(self.taps)
+        std = self.pos_embed_init_std
+        if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf):
+            raise ValueError(f"pos_embed_init_std must be a positive number or null (timm's init), got {std!r}")
         if not self.model_name:
             raise ValueError("model_name is empty; name a timm ViT such as 'vit_huge_patch14_clip_336'")
         if self.tile_size < 1:
@@ -334,6 +344,14 @@ def _init_linear(module: nn.Module) -> None:
 # the encoder
 
 
+def init_position_embedding(backbone: nn.Module, std: float) -> None:
+    """Re-draw the backbone's learned position embedding (`pos_embed [1, L, W]`, if it has one) from a
+    normal with `std`, truncated at ±3 std. Models without a learned table (RoPE, sin-cos) are left alone."""
+    pos_embed = getattr(backbone, "pos_embed", None)
+    if isinstance(pos_embed, nn.Parameter):
+        nn.init.trunc_normal_(pos_embed, std=std, a=-3 * std, b=3 * std)
+
+
 def _build_backbone(cfg: TimmEncoderConfig) -> nn.Module:
     kwargs = dict(cfg.timm_kwargs)
     kwargs.setdefault("global_pool", "")
@@ -384,6 +402,8 @@ class TimmTiledEncoder(TiledImageEncoder):
 
         if config.weights is not None:
             load_backbone_weights(self.backbone, config.weights)
+        elif config.pos_embed_init_std is not None:
+            init_position_embedding(self.backbone, config.pos_embed_init_std)
 
         num_heads, mlp_dim, layer_kwargs = self._gated_layer_shape(config)
         self.pre_tile_embed = TilePositionalEmbedding(config.max_tiles, self.width)

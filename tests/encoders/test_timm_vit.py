@@ -78,6 +78,29 @@ def test_loads_safetensors_and_ignores_classifier_head(tmp_path: Path) -> None:
     assert "head.weight" in source.state_dict() and "head.weight" not in encoder.backbone.state_dict()
 
 
+def test_random_backbone_positions_start_at_patch_embedding_scale() -> None:
+    """A from-scratch backbone draws its position table at `pos_embed_init_std` (default 0.6), the RMS of
+    patch embeddings of normalised pixels, instead of timm's 0.02 (issue 12: at 0.02 a small ViT barely
+    tells patches apart by place); `None` keeps timm's init."""
+    torch.manual_seed(0)
+    cfg = tiny_config(timm_kwargs={**TINY_KWARGS, "embed_dim": 64}, tile_size=128)  # 65 × 64 table entries
+    ours = TimmTiledEncoder(cfg).backbone.pos_embed.detach()
+    timm_default = TimmTiledEncoder(tiny_config(pos_embed_init_std=None)).backbone.pos_embed.detach()
+    assert ours.std().item() == pytest.approx(0.6, rel=0.05)
+    assert ours.abs().max().item() <= 3 * 0.6
+    assert timm_default.std().item() == pytest.approx(0.02, rel=0.25)
+    patches = TimmTiledEncoder(cfg).backbone.patch_embed(torch.randn(8, 3, 128, 128))  # normalised pixels
+    assert 0.3 < patches.pow(2).mean().sqrt().item() < 1.2  # the scale the table is matched to
+
+
+def test_loaded_weights_replace_the_position_init(tmp_path: Path) -> None:
+    source = tiny_timm_model()
+    path = tmp_path / "vit.safetensors"
+    save_file(source.state_dict(), str(path))
+    encoder = TimmTiledEncoder(tiny_config(weights=str(path), pos_embed_init_std=0.6))
+    torch.testing.assert_close(encoder.backbone.pos_embed, source.pos_embed, rtol=0, atol=0)
+
+
 def test_loads_pth_with_module_prefix(tmp_path: Path) -> None:
     source = tiny_timm_model()
     path = tmp_path / "vit.pth"
@@ -144,6 +167,9 @@ def test_nonexistent_and_unreadable_files(tmp_path: Path) -> None:
         (dict(timm_kwargs={**TINY_KWARGS, "pretrained": True}), "pretrained.*weights="),
         (dict(timm_kwargs={**TINY_KWARGS, "img_size": 64}), "img_size.*tile_size=32"),
         (dict(model_name="vit_does_not_exist"), "no model 'vit_does_not_exist'"),
+        (dict(pos_embed_init_std=0.0), "pos_embed_init_std must be a positive number"),
+        (dict(pos_embed_init_std=float("nan")), "pos_embed_init_std must be a positive number"),
+        (dict(pos_embed_init_std="big"), "pos_embed_init_std must be a positive number"),
     ],
 )
 def test_bad_config_errors(overrides: dict[str, Any], message: str) -> None:
