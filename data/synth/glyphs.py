@@ -31,7 +31,6 @@ The split is chosen by the content description ``"{glyph}/{position}/{colour} on
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mm_llama.data.synth import grammar
 from mm_llama.data.synth.grammar import QA
-from mm_llama.data.synth.shapes import _dumps
+from mm_llama.data.synth.shapes import _dumps, encode_png
 from mm_llama.data.synth.splits import draw_in_split, sample_key, sample_rng
 
 KIND = "glyphs"
@@ -175,13 +174,10 @@ def place_glyph(size: tuple[int, int], position: str, image_size: int, rng: rand
 
 def render_png(mask: Image.Image, box: tuple[int, int, int, int], image_size: int,
                colour: tuple[int, int, int], background: tuple[int, int, int]) -> bytes:
-    """Paint ``colour`` through ``mask`` at ``box`` on a plain background; a deterministic RGB PNG
-    (same encoder settings as `shapes.render_png`)."""
+    """Paint ``colour`` through ``mask`` at ``box`` on a plain background; a deterministic RGB PNG."""
     img = Image.new("RGB", (image_size, image_size), background)
     img.paste(colour, box, mask)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
+    return encode_png(img)
 
 
 @dataclass

@@ -160,6 +160,11 @@ def render_png(placed: list[PlacedShape], width: int, height: int, background: t
     draw = ImageDraw.Draw(img)
     for p in placed:
         draw_shape(draw, p.obj.shape, p.cx, p.cy, p.r, grammar.COLOURS[p.obj.colour])
+    return encode_png(img)
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """PNG bytes with fixed encoder settings, so the same pixels always give the same file."""
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
