@@ -55,6 +55,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from mm_llama.attention import attend
+from mm_llama.encoders.conv_stem import check_conv_stem, conv_stem_embed_layer
 from mm_llama.encoders.base import TiledImageEncoder
 from mm_llama.encoders.tiling import num_aspect_ratio_ids
 
@@ -91,6 +92,9 @@ class TimmEncoderConfig:
     weights (no `weights`); None keeps timm's 0.02. Patch embeddings of normalised pixels start with an
     RMS near 0.6, so at timm's scale a from-scratch ViT hardly knows where a patch is and, on small data,
     learns spatial content (shape, position, characters) several times slower. Loaded weights replace it.
+    `stem_channels` / `stem_strides` / `stem_norm`: when set, a convolutional stem replaces the linear patch
+    embedding (`encoders/conv_stem.py`): one 3×3 convolution per entry, the token grid being the tile
+    side over the product of the strides (a `patch_size` in `timm_kwargs` must equal that product).
     """
 
     model_name: str = "vit_huge_patch14_clip_336"
@@ -103,9 +107,22 @@ class TimmEncoderConfig:
     gated_mlp_dim: int | None = None
     weights: str | None = None
     pos_embed_init_std: float | None = DEFAULT_POS_EMBED_INIT_STD
+    stem_channels: tuple[int, ...] = ()
+    stem_strides: tuple[int, ...] = ()
+    stem_norm: str = "instance"
 
     def __post_init__(self) -> None:
         self.taps = tuple(self.taps)
+        self.stem_channels, self.stem_strides = tuple(self.stem_channels), tuple(self.stem_strides)
+        if self.stem_channels or self.stem_strides:
+            check_conv_stem(self.stem_channels, self.stem_strides, self.stem_norm, self.tile_size)
+            patch = self.timm_kwargs.get("patch_size", math.prod(self.stem_strides))
+            if patch != math.prod(self.stem_strides):
+                raise ValueError(
+                    f"timm_kwargs['patch_size']={patch!r} disagrees with the conv stem: its strides "
+                    f"{list(self.stem_strides)} make tokens of {math.prod(self.stem_strides)} px; "
+                    "set patch_size to their product or remove it"
+                )
         std = self.pos_embed_init_std
         if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf):
             raise ValueError(f"pos_embed_init_std must be a positive number or null (timm's init), got {std!r}")
@@ -356,6 +373,9 @@ def _build_backbone(cfg: TimmEncoderConfig) -> nn.Module:
     kwargs = dict(cfg.timm_kwargs)
     kwargs.setdefault("global_pool", "")
     kwargs["img_size"] = cfg.tile_size
+    if cfg.stem_channels:
+        kwargs["patch_size"] = 1
+        kwargs["embed_layer"] = conv_stem_embed_layer(cfg.stem_channels, cfg.stem_strides, cfg.stem_norm)
     try:
         backbone = timm.create_model(cfg.model_name, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as err:
