@@ -92,9 +92,10 @@ class TimmEncoderConfig:
     weights (no `weights`); None keeps timm's 0.02. Patch embeddings of normalised pixels start with an
     RMS near 0.6, so at timm's scale a from-scratch ViT hardly knows where a patch is and, on small data,
     learns spatial content (shape, position, characters) several times slower. Loaded weights replace it.
-    `stem_channels` / `stem_strides` / `stem_norm`: when set, a convolutional stem replaces the linear patch
-    embedding (`encoders/conv_stem.py`): one 3×3 convolution per entry, the token grid being the tile
-    side over the product of the strides (a `patch_size` in `timm_kwargs` must equal that product).
+    `stem_channels` / `stem_strides` / `stem_norm`: when set, the patch embedding becomes a convolutional
+    stem plus the linear projection of the raw patches (`encoders/conv_stem.py`): one 3×3 convolution per
+    entry, the token grid being the tile side over the product of the strides (a `patch_size` in
+    `timm_kwargs` must equal that product). Empty (the default): timm's linear patch embedding.
     """
 
     model_name: str = "vit_huge_patch14_clip_336"
