@@ -53,7 +53,6 @@ class Assets:
 def _write_assets(root: Path) -> Assets:
     from mm_llama.data.synth import write_synth
     from mm_llama.data.synth.text import read_corpus
-    from mm_llama.tokenizer_training import train_llama3_tokenizer
 
     data = root / "data"
     write_synth("shapes", data, n=32, seed=0, split="train", samples_per_shard=8)
@@ -62,17 +61,27 @@ def _write_assets(root: Path) -> Assets:
     write_synth("text", data, n=12, seed=0, split="val")
     dist_data = root / "dist-data"
     write_synth("shapes", dist_data, n=8, seed=1, split="train", samples_per_shard=2)
+    base = write_random_lm(root, list(read_corpus(data / "text" / "train-corpus.txt")), vocab_size=400)
+    return Assets(root, data, root / "tokenizer", base, dist_data)
+
+
+def write_random_lm(root: Path, corpus: list[str], vocab_size: int, **shape: object) -> Path:
+    """`root/tokenizer` (BPE trained on `corpus`) and `root/base-lm`: a random `tiny` Llama (changed by
+    `shape`) in HF layout with the tokenizer files next to it. Returns the LM directory."""
+    from mm_llama.tokenizer_training import train_llama3_tokenizer
+
     tok_dir = root / "tokenizer"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a small corpus gives fewer merges than asked
-        train_llama3_tokenizer(list(read_corpus(data / "text" / "train-corpus.txt")), 400, tok_dir)
+        train_llama3_tokenizer(corpus, vocab_size, tok_dir)
     tok = Tokenizer.from_dir(tok_dir)
     base = root / "base-lm"
     torch.manual_seed(0)
-    save_hf(LlamaDecoder(preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)), base)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, **shape)
+    save_hf(LlamaDecoder(cfg), base)
     for name in ("tokenizer.json", "tokenizer.model"):
         shutil.copy(tok_dir / name, base / name)
-    return Assets(root, data, tok_dir, base, dist_data)
+    return base
 
 
 @pytest.fixture(scope="session")
