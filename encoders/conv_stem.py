@@ -1,5 +1,5 @@
-"""A convolutional stem in place of a ViT's linear patch embedding (the "hybrid" ViT of Dosovitskiy et
-al. and Xiao et al., "Early convolutions help transformers see better").
+"""A convolutional stem next to a ViT's linear patch embedding (the "hybrid" ViT of Dosovitskiy et al.
+and Xiao et al., "Early convolutions help transformers see better").
 
 A from-scratch ViT embeds each 16-px patch with one linear map, so every shape detail that spans a patch
 border, or that must hold for any colour pair, has to be rebuilt by attention from data. On the small
@@ -32,7 +32,6 @@ from functools import partial
 from typing import Any, Callable
 
 import torch
-
 from timm.layers import GroupNorm1, LayerNorm2d
 from timm.layers.norm_act import GroupNormAct
 from timm.models.vision_transformer_hybrid import ConvStem, HybridEmbed
@@ -48,8 +47,10 @@ channel over one tile's positions; `group`: one group over all channels and posi
 channels at each position)."""
 
 
-def check_conv_stem(channels: tuple[int, ...], strides: tuple[int, ...], norm: str, tile_size: int) -> None:
-    """Raise `ValueError` naming the bad value when the stem settings cannot build a stem for `tile_size`."""
+def check_conv_stem(channels: tuple[int, ...], strides: tuple[int, ...], norm: str, tile_size: int,
+                    patch_size: Any = None) -> None:
+    """Raise `ValueError` naming the bad value when the stem settings cannot build a stem for `tile_size`
+    (`patch_size`: the backbone's `timm_kwargs['patch_size']`, if given; it must be the total stride)."""
     if len(channels) != len(strides) or not channels:
         raise ValueError(
             f"stem_channels {list(channels)} and stem_strides {list(strides)} must be non-empty and of equal "
@@ -65,6 +66,11 @@ def check_conv_stem(channels: tuple[int, ...], strides: tuple[int, ...], norm: s
         raise ValueError(
             f"the stem's total stride {grid} (product of stem_strides {list(strides)}) does not divide "
             f"tile_size {tile_size}; pick strides whose product divides the tile side"
+        )
+    if patch_size is not None and patch_size != grid:
+        raise ValueError(
+            f"timm_kwargs['patch_size']={patch_size!r} disagrees with the conv stem: its strides {list(strides)} "
+            f"make tokens of {grid} px; set patch_size to their product or remove it"
         )
 
 

@@ -116,14 +116,8 @@ class TimmEncoderConfig:
         self.taps = tuple(self.taps)
         self.stem_channels, self.stem_strides = tuple(self.stem_channels), tuple(self.stem_strides)
         if self.stem_channels or self.stem_strides:
-            check_conv_stem(self.stem_channels, self.stem_strides, self.stem_norm, self.tile_size)
-            patch = self.timm_kwargs.get("patch_size", math.prod(self.stem_strides))
-            if patch != math.prod(self.stem_strides):
-                raise ValueError(
-                    f"timm_kwargs['patch_size']={patch!r} disagrees with the conv stem: its strides "
-                    f"{list(self.stem_strides)} make tokens of {math.prod(self.stem_strides)} px; "
-                    "set patch_size to their product or remove it"
-                )
+            check_conv_stem(self.stem_channels, self.stem_strides, self.stem_norm, self.tile_size,
+                            self.timm_kwargs.get("patch_size"))
         std = self.pos_embed_init_std
         if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf):
             raise ValueError(f"pos_embed_init_std must be a positive number or null (timm's init), got {std!r}")
