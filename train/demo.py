@@ -50,6 +50,8 @@ TASK_LAYOUTS: dict[str, tuple[str, ...]] = {
     "vqa": ("image-qa",), "caption": ("image-caption",), "caption_vqa": ("image-qa", "image-caption"),
 }
 """The shapes layouts whose train shards an adapter stage of each ``data.task`` reads."""
+DEMO_KINDS: tuple[str, ...] = ("shapes", "text")
+"""The synthetic kinds the demo writes (other kinds share some of their layout folders)."""
 RESERVED_NAMES = frozenset({DATA_DIR, TOKENIZER_DIR, LM_RUN, ENCODER_RUN, EVAL_DIR, "report"})
 """Folder names the demo uses itself (an adapter stage may not take one)."""
 
@@ -303,7 +305,7 @@ class _Demo:
         from mm_llama.data.synth import summary_path
         from mm_llama.data.synth.write import KINDS
 
-        kind = next(k for k, spec in KINDS.items() if layout in spec.layouts)
+        kind = next(k for k in DEMO_KINDS if layout in KINDS[k].layouts)
         manifest = summary_path(self.data, kind, split)
         if not manifest.is_file():
             raise DemoError(f"{manifest} is missing: the data stage did not finish; rerun with --resume or --overwrite")

@@ -16,14 +16,18 @@ Regular; no system font files) without antialiasing, so every pixel is exactly t
 the background colour. Colours come from `PALETTE` (the grammar's colours and backgrounds) in pairs
 whose luma (Rec. 601) differs by at least `MIN_LUMA_DIFFERENCE`.
 
-One sample (see `make_glyphs_sample`) gives webdataset records in two layouts, shaped like `shapes`':
+One sample (see `make_glyphs_sample`) gives webdataset records in three layouts, shaped like `shapes`' and `text`'s:
 
 - ``image-caption``: ``KEY.png`` + ``KEY.txt`` (``"the character 7 in the top left"``) + ``KEY.json``
   (caption, both QA pairs under ``qa``, glyph, position, ink ``bbox``, ``center``, ``colours``,
   ``rgb``, ``size``);
 - ``image-qa``: ``KEY-q0`` (type ``identity``: "What character is shown?" → ``"7"``) and ``KEY-q1``
   (type ``position``: "Where is the character?" → ``"top left"``), each ``KEY-qJ.png`` (the same image)
-  + ``KEY-qJ.json`` with ``question``, ``answer``, ``type`` and ``image_key``.
+  + ``KEY-qJ.json`` with ``question``, ``answer``, ``type`` and ``image_key``;
+- ``text``: ``KEY.txt``, the same sample as text for the frozen LM's own training (`text_document`): the
+  caption, then both questions answered as Llama 3 chat exchanges (``data.options.allow_special=true``).
+  An LM that has read these has the answers' format in context; the image adapter then only has to supply
+  the content (issue 12: through an LM without it, the identity answers stay at chance).
 
 The split is chosen by the content description ``"{glyph}/{position}/{colour} on {background}"``
 (never the size or the pixel offset), so train, val and test never share such a combination.
@@ -43,6 +47,7 @@ from mm_llama.data.synth import grammar
 from mm_llama.data.synth.grammar import QA
 from mm_llama.data.synth.shapes import _dumps, encode_png
 from mm_llama.data.synth.splits import draw_in_split, sample_key, sample_rng
+from mm_llama.data.synth.text import chat_turn
 
 KIND = "glyphs"
 IMAGE_SIZE = 128
@@ -67,7 +72,7 @@ MIN_LUMA_DIFFERENCE = 100.0
 """Least luma difference (0–255 scale) between a glyph's colour and its background."""
 QUESTIONS: dict[str, str] = {"identity": "What character is shown?", "position": "Where is the character?"}
 """QA type → its question (the order of the ``image-qa`` records)."""
-LAYOUTS: tuple[str, ...] = ("image-caption", "image-qa")
+LAYOUTS: tuple[str, ...] = ("image-caption", "image-qa", "text")
 """Sub-folders (webdataset layouts) that the ``glyphs`` kind writes."""
 
 
@@ -219,13 +224,18 @@ class GlyphsSample:
             **self.meta,
         }
 
+    def text_document(self) -> str:
+        """The ``text`` record: the caption, then one chat exchange per question, one per line."""
+        return "\n".join([self.caption, *(chat_turn(q.question, q.answer) for q in self.qa)])
+
     def records(self) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
-        """Webdataset records per layout: ``{"image-caption": [...], "image-qa": [...]}``."""
+        """Webdataset records per layout: ``{"image-caption": [...], "image-qa": [...], "text": [...]}``."""
         cap = (self.key, {"png": self.png, "txt": self.caption.encode("utf-8"), "json": _dumps(self.json_dict())})
         qa_records = [(f"{self.key}-q{j}", {"png": self.png,
                                              "json": _dumps({**q.to_dict(), "image_key": self.key, **self.meta})})
                       for j, q in enumerate(self.qa)]
-        return {"image-caption": [cap], "image-qa": qa_records}
+        text = (self.key, {"txt": self.text_document().encode("utf-8")})
+        return {"image-caption": [cap], "image-qa": qa_records, "text": [text]}
 
 
 def make_glyphs_sample(seed: int, split: str, index: int) -> GlyphsSample:

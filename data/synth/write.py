@@ -1,12 +1,13 @@
 """Write a synthetic kind as webdataset shards through `mm_llama.data.shard_writer.ShardWriter`.
 
 Folder layout (one ``OUTDIR`` can hold every kind and every split; shard names start with the split, or with
-``glyphs-`` and the split for glyphs, which shares the image folders with shapes)::
+``glyphs-`` and the split for glyphs, which shares the image and text folders with shapes and text)::
 
     OUTDIR/image-caption/{split}-000000.tar          shapes: KEY.png + KEY.txt + KEY.json (caption, qa list)
     OUTDIR/image-qa/{split}-000000.tar               shapes: KEY-qJ.png + KEY-qJ.json (question, answer)
     OUTDIR/image-caption/glyphs-{split}-000000.tar   glyphs: as shapes (one character, identity/position QA)
     OUTDIR/image-qa/glyphs-{split}-000000.tar        glyphs: as shapes
+    OUTDIR/text/glyphs-{split}-000000.tar            glyphs: KEY.txt (caption + both QA as chat, for the LM)
     OUTDIR/video-caption/{split}-000000.tar          moving-shapes: KEY.mp4 + KEY.txt + KEY.json
     OUTDIR/video-qa/{split}-000000.tar               moving-shapes: KEY-qJ.mp4 + KEY-qJ.json (question, answer)
     OUTDIR/speech/{split}-000000.tar                 speech: KEY.flac + KEY.json (text, language, duration, ...)
@@ -54,11 +55,10 @@ class KindSpec:
 KINDS: dict[str, KindSpec] = {
     "shapes": KindSpec("shapes", shapes.LAYOUTS, shapes.shapes_records, options=("square",),
                        description="PNG images of 1-3 coloured shapes with captions and QA"),
-    # glyphs writes shapes' layouts under its own shard names; `train.demo` finds a layout's kind as the
-    # first match, so shapes stays first
+    # glyphs writes shapes' and text's layouts under its own shard names
     "glyphs": KindSpec("glyphs", glyphs.LAYOUTS, glyphs.glyphs_records, shard_prefix="glyphs-",
                        description="128x128 PNG images of one digit or letter in a 3x3 grid cell, with "
-                                   "identity and position QA"),
+                                   "identity and position QA (and as chat text for the LM)"),
     "moving-shapes": KindSpec("moving-shapes", moving_shapes.LAYOUTS, moving_shapes.moving_shapes_records,
                               description="mp4 clips of a shape that moves or changes colour, captions and QA"),
     "speech": KindSpec("speech", speech.LAYOUTS, speech.speech_records, options=("noise_prob",),

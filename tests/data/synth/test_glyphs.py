@@ -1,5 +1,5 @@
 """`glyphs` images: one character whose pixels lie in the named cell, answers that match the pixels,
-disjoint splits, both layouts through `write_synth` and the `synth` command."""
+disjoint splits, every layout through `write_synth` and the `synth` command."""
 
 from __future__ import annotations
 
@@ -121,7 +121,36 @@ def test_records_answer_what_the_questions_ask() -> None:
         assert (j1["question"], j1["answer"], j1["type"]) == (QUESTIONS["position"], meta["position"], "position")
         assert j0["image_key"] == j1["image_key"] == key and j0["split"] == "val"
         assert meta["qa"] == [{k: j[k] for k in ("question", "answer", "type")} for j in (j0, j1)]
+        [(text_key, text)] = records["text"]
+        assert text_key == key and set(text) == {"txt"}
+        caption, *exchanges = text["txt"].decode().split("\n<|start_header_id|>")
+        assert caption == meta["caption"]
+        assert exchanges == [f"user<|end_header_id|>\n\n{j['question']}<|eot_id|><|start_header_id|>assistant"
+                             f"<|end_header_id|>\n\n{j['answer']}<|eot_id|>" for j in (j0, j1)]
     assert make_glyphs_sample(0, "train", 0).caption.startswith("the character ")
+
+
+def test_text_record_asks_what_the_adapter_is_asked(tmp_path: Path) -> None:
+    """The LM reads each question exactly as the image stage's prompt asks it (less the ``<|image|>`` id),
+    followed by the labelled answer: the same token ids, so the answer format it learns is the one it is used in."""
+    from mm_llama.data.prompts import build_example
+    from mm_llama.media_tokens import MediaTokens
+    from mm_llama.tokenizer import Tokenizer
+    from mm_llama.tokenizer_training import train_llama3_tokenizer
+
+    samples = [make_glyphs_sample(0, "train", i) for i in range(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_llama3_tokenizer([s.caption for s in samples] * 4 + list(QUESTIONS.values()), 300, tmp_path / "tok")
+    tok = Tokenizer.from_dir(tmp_path / "tok")
+    media = MediaTokens(tok.vocab_size)
+    for s in samples:
+        document = tok.encode(s.text_document(), allow_special=True)
+        for qa in s.qa:
+            example = build_example(tok, media, "vqa", {"question": qa.question, "answer": qa.answer})
+            exchange = [t for t in example.input_ids[1:] if t != media.image]  # no BOS, no image id
+            starts = [i for i in range(len(document)) if document[i:i + len(exchange)] == exchange]
+            assert len(starts) == 1, (s.key, qa)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,6 +165,10 @@ def test_write_synth_and_command(tmp_path: Path, capsys) -> None:
     summary = write_synth("glyphs", tmp_path, n=5, seed=0, split="train", samples_per_shard=4)
     assert summary.layouts["image-caption"].shards == ["glyphs-train-000000.tar", "glyphs-train-000001.tar"]
     assert summary.layouts["image-qa"].samples == 10
+    assert summary.layouts["text"].shards == ["glyphs-train-000000.tar", "glyphs-train-000001.tar"]
+    texts = read_shards(tmp_path / "text", "glyphs-train")
+    assert [f["txt"].decode() for f in texts.values()] == [make_glyphs_sample(0, "train", i).text_document()
+                                                          for i in range(5)]
     caption = read_shards(tmp_path / "image-caption", "glyphs-train")
     qa = read_shards(tmp_path / "image-qa", "glyphs-train")
     assert list(caption) == [f"train-{i:08d}" for i in range(5)]
