@@ -15,22 +15,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "synth",
         help="write synthetic shards (shapes, glyphs, moving-shapes, speech, text) for the built-in default",
         description=(
-            "Generate synthetic data from one small grammar and write it as webdataset shards. "
-            "shapes: PNG images of 1-3 coloured shapes -> OUTDIR/image-caption (KEY.png/txt/json) and "
-            "OUTDIR/image-qa (KEY.png + KEY.json with question/answer). glyphs: 128x128 PNG images of one digit "
-            "or uppercase letter inside one cell of a 3x3 grid (a spatial probe) -> the same two folders as shapes "
-            "(shards named glyphs-SPLIT-NNNNNN.tar), with the questions 'What character is shown?' and 'Where is "
-            "the character?' (answers such as 7 and top left), and OUTDIR/text (KEY.txt: the caption, then both "
-            "questions answered as Llama 3 chat turns, for training the frozen LM first). moving-shapes: 16-frame mp4 clips of a "
-            "shape that moves or changes colour -> OUTDIR/video-caption and OUTDIR/video-qa. speech: espeak-ng "
-            "speech of grammar sentences and digit strings, 16 kHz FLAC -> OUTDIR/speech (KEY.flac + KEY.json "
-            "with text/language/duration/sample_rate/voice); the test split's voices never occur in train. "
-            "text: documents covering the grammar -> OUTDIR/text shards (KEY.txt) and OUTDIR/text/SPLIT-corpus.txt "
-            "(with --chat the shards hold the documents with their question/answer lines as Llama 3 chat turns, "
-            "the corpus file their plain form). "
-            "Shards are named SPLIT-NNNNNN.tar (glyphs: glyphs-SPLIT-NNNNNN.tar), so all splits and kinds can "
-            "share one OUTDIR. The same --seed and --split always give byte-identical files; train, val and test "
-            "never share content."
+            "Generate synthetic data from one small grammar and write it as webdataset shards. shapes: PNG images "
+            "of 1-3 coloured shapes -> OUTDIR/image-caption (KEY.png/txt/json) and OUTDIR/image-qa (KEY.png + "
+            "KEY.json with question/answer). glyphs: 128x128 PNG images of one digit or uppercase letter inside "
+            "one cell of a 3x3 grid (a spatial probe) -> the same two folders as shapes (shards named "
+            "glyphs-SPLIT-NNNNNN.tar), with the questions 'What character is shown?' and 'Where is the "
+            "character?' (answers such as 7 and top left), and OUTDIR/text (KEY.txt: the caption, then both "
+            "questions answered as Llama 3 chat turns, for training the frozen LM first). moving-shapes: 16-frame "
+            "mp4 clips of a shape that moves or changes colour -> OUTDIR/video-caption and OUTDIR/video-qa. "
+            "speech: espeak-ng speech of grammar sentences and digit strings, 16 kHz FLAC -> OUTDIR/speech "
+            "(KEY.flac + KEY.json with text/language/duration/sample_rate/voice); the test split's voices never "
+            "occur in train. text: documents covering the grammar -> OUTDIR/text shards (KEY.txt) and "
+            "OUTDIR/text/SPLIT-corpus.txt (with --chat the shards hold the documents with their question/answer "
+            "lines as Llama 3 chat turns, the corpus file their plain form). Shards are named SPLIT-NNNNNN.tar "
+            "(glyphs: glyphs-SPLIT-NNNNNN.tar), so all splits and kinds can share one OUTDIR. The same --seed and "
+            "--split always give byte-identical files; train, val and test never share content."
         ),
     )
     p.add_argument("kind", metavar="KIND", choices=KIND_CHOICES, help="what to generate: " + ", ".join(KIND_CHOICES))
