@@ -217,11 +217,13 @@ def generate(
     rows that already finished, whose tokens are ignored). `prefill_inputs` are extra keyword arguments
     for the prefill call only (e.g. `images=` for `MultimodalLlama`, which caches what it derives from them).
     """
-    cfg = model.cfg
-    prompts = _validate_prompts(prompts, cfg.vocab_size, cfg.max_seq_len)
-    if gen.pad_id >= cfg.vocab_size:
+    # a MultimodalLlama states the ids it accepts (media ids included); a LlamaDecoder its config's
+    vocab_size = getattr(model, "vocab_size", None) or model.cfg.vocab_size
+    max_seq_len = getattr(model, "max_seq_len", None) or model.cfg.max_seq_len
+    prompts = _validate_prompts(prompts, vocab_size, max_seq_len)
+    if gen.pad_id >= vocab_size:
         raise ValueError(
-            f"pad_id {gen.pad_id} is outside the model's vocabulary [0, {cfg.vocab_size}); "
+            f"pad_id {gen.pad_id} is outside the model's vocabulary [0, {vocab_size}); "
             "choose a pad id the embedding table has"
         )
     batch = len(prompts)
@@ -229,7 +231,7 @@ def generate(
     longest = max(lengths)
     # Row budgets count each row's own tokens, so a short prompt next to a long one is not cut short by
     # the padding it carries; the cache holds the padded prompt plus the inputs of every decode step.
-    budgets = [min(gen.max_new_tokens, cfg.max_seq_len - n) for n in lengths]
+    budgets = [min(gen.max_new_tokens, max_seq_len - n) for n in lengths]
     steps = max(budgets)
     cache = model.new_cache(batch, longest + steps - 1)
     device = cache.valid.device

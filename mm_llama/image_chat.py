@@ -65,10 +65,10 @@ def answer_images(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     names = list(names) if names is not None else [str(i) if not isinstance(i, (str, Path)) else str(i) for i in images]
-    vision = model.cfg.vision
+    vision = model.image.vision_cfg
     transform = ImageTransform(tile_size=vision.tile_size, max_tiles=vision.max_tiles)
     device = next(model.parameters()).device
-    dtype = next(model.projector.parameters()).dtype
+    dtype = next(model.image.projector.parameters()).dtype
     results = [ImageAnswer(source=name) for name in names]
     bar = tqdm(total=len(images), unit="image", disable=not (progress if progress is not None else len(images) > 4))
     for start in range(0, len(images), batch_size):
@@ -82,7 +82,7 @@ def answer_images(
                 results[i].error = str(e)
         if rows:
             batch = collate_images([[t] for t in tiled], max_tiles=vision.max_tiles).to(device, dtype=dtype)
-            token_prompts = [image_prompt(tokenizer, prompts[i], model.cfg.image_token_id, chat=chat) for i in rows]
+            token_prompts = [image_prompt(tokenizer, prompts[i], model.image.token_id, chat=chat) for i in rows]
             outputs = generate(model, token_prompts, gen, prefill_inputs={"images": batch})
             for i, out in zip(rows, outputs):
                 results[i].text = tokenizer.decode(out.tokens).strip()

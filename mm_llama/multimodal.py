@@ -1,41 +1,38 @@
-"""`MultimodalLlama`: a frozen Llama 3 decoder that sees images through gated cross-attention."""
+"""`MultimodalLlama`: a frozen Llama 3 decoder that reads the modalities it is composed with.
+
+Deep-fusion modalities (image; video) reach the LM through gated cross-attention blocks before chosen
+decoder layers; early-fusion ones (speech) replace the embeddings of a placeholder token span. Each
+modality is a named module (`mm_llama.modalities`); the model wires it in without editing the decoder
+it is given, keys its state by the modality's name and derives the trainable groups from it.
+"""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
 from mm_llama.config import LlamaConfig
-from mm_llama.cross_attention_mask import attention_masks, flatten_key_mask, text_image_mask
-from mm_llama.encoders.base import TiledImageEncoder
+from mm_llama.cross_attention_mask import attention_masks
 from mm_llama.fusion import CROSS_ATTENTION_KEY, CrossAttentionInputs, FusionEmbedding, FusionLayer, fusion_schedule
 from mm_llama.kv_cache import KVCache
+from mm_llama.modalities import ImageInputs, ImageModality, Modality, SpanEmbeddings
 from mm_llama.model import LlamaDecoder
 
-TRAINABLE_GROUPS = ("encoder", "fusion", "decoder")
-N_FUSION_TOKENS = 8  # Meta's learnable embedding rows; row 0 is <|image|>, the rest are reserved
-
-
-class ImageInputs(Protocol):
-    """A collated image batch (see `mm_llama.data.image_transform.ImageBatch`)."""
-
-    pixels: torch.Tensor  # [B, N, T, 3, H, W]
-    aspect_ratio_ids: torch.Tensor  # [B, N], 0 = padding image
-    tile_mask: torch.Tensor  # [B, N, T]
-    num_tiles: list[list[int]]
+DECODER_GROUP = "decoder"
+N_FUSION_TOKENS = 8  # media ids past the LM's vocabulary (Meta's 8 learnable rows; row 0 is <|image|>)
 
 
 @dataclass(frozen=True)
 class MultimodalConfig:
-    """A text trunk, an image encoder and where they meet.
+    """A text trunk, an image encoder and where they meet (what image checkpoints and runs record).
 
-    `fusion_layers` are indices of decoder layers that get a cross-attention block *before* them;
-    `encoder` names the image encoder family (`"mllama"`: Llama 3.2 Vision's tiled ViT, `"timm"`: a timm ViT
-    with taps and gated layers) and `vision` is that encoder's config.
+    `fusion_layers` are indices of decoder layers that get a cross-attention block *before* them (empty:
+    Meta's every-4th schedule); `encoder` names the image encoder family (`"mllama"`: Llama 3.2 Vision's
+    tiled ViT, `"timm"`: a timm ViT with taps and gated layers) and `vision` is that encoder's config.
     """
 
     text: LlamaConfig
@@ -46,7 +43,8 @@ class MultimodalConfig:
 
     def __post_init__(self) -> None:
         if not self.fusion_layers:
-            object.__setattr__(self, "fusion_layers", tuple(fusion_schedule(self.text.n_layers, max(1, self.text.n_layers // 4))))
+            schedule = fusion_schedule(self.text.n_layers, max(1, self.text.n_layers // 4))
+            object.__setattr__(self, "fusion_layers", tuple(schedule))
         bad = [i for i in self.fusion_layers if not 0 <= i < self.text.n_layers]
         if bad:
             raise ValueError(f"fusion layer indices {bad} are outside the decoder's 0..{self.text.n_layers - 1}")
@@ -68,137 +66,194 @@ class MultimodalConfig:
         return self.text.max_seq_len
 
 
-def build_image_encoder(cfg: MultimodalConfig) -> TiledImageEncoder:
-    if cfg.encoder == "mllama":
-        from mm_llama.encoders.mllama_vision import MllamaVisionEncoder
-
-        return MllamaVisionEncoder(cfg.vision)
-    from mm_llama.encoders.timm_vit import TimmTiledEncoder
-
-    return TimmTiledEncoder(cfg.vision)
+def fused_decoder(decoder: LlamaDecoder, modalities: Sequence[Modality]) -> LlamaDecoder:
+    """A copy of `decoder` (sharing its frozen weights, the caller's object untouched) whose layers carry
+    the modalities' cross-attention blocks, in the order given, and whose embedding has their media rows."""
+    fused = copy.copy(decoder)
+    for slot in ("_modules", "_parameters", "_buffers"):
+        setattr(fused, slot, dict(getattr(decoder, slot)))
+    layers = list(decoder.layers)
+    for i, layer in enumerate(layers):
+        blocks = {m.name: m.new_block() for m in modalities if i in m.fusion_layers}
+        if blocks:
+            layers[i] = FusionLayer(layer, blocks)
+    fused.layers = nn.ModuleList(layers)
+    fused.tok_embeddings = FusionEmbedding(decoder.tok_embeddings, {m.name: m.token_ids() for m in modalities})
+    fused.tie_weights()
+    return fused
 
 
 class MultimodalLlama(nn.Module):
-    """Frozen LM + image encoder + projection + gated cross-attention (Llama 3 paper §7).
+    """Frozen LM + modalities (Llama 3 paper §7, §8).
 
-    `decoder` keeps the plain Llama checkpoint keys; cross-attention blocks wrap the layers in
-    `cfg.fusion_layers` and `<|image|>` (id `cfg.image_token_id`) gets a trainable embedding row. What trains
-    is declared with `set_trainable(encoder=…, fusion=…, decoder=…)`.
+    `decoder` keeps the plain Llama checkpoint keys; each modality's own weights are under its name
+    (`image.encoder.*`, `image.projector.*`), its blocks under `decoder.layers.i.fusion.<name>.*` and its
+    embedding rows under `decoder.tok_embeddings.media.<name>.weight`. Trainable groups are
+    `<name>.<group>` per modality plus `decoder`; a stage declares what trains with `set_trainable`.
     """
 
-    def __init__(
-        self,
-        cfg: MultimodalConfig,
-        decoder: LlamaDecoder | None = None,
-        encoder: TiledImageEncoder | None = None,
-    ) -> None:
+    def __init__(self, decoder: LlamaDecoder, modalities: Sequence[Modality], *,
+                 n_media_tokens: int = N_FUSION_TOKENS) -> None:
         super().__init__()
-        self.mm_cfg = cfg
-        self.decoder = decoder if decoder is not None else LlamaDecoder(cfg.text)
-        for i in cfg.fusion_layers:
-            self.decoder.layers[i] = FusionLayer(self.decoder.layers[i], GatedCrossAttentionBlock(cfg.text))
-        self.decoder.tok_embeddings = FusionEmbedding(self.decoder.tok_embeddings, cfg.n_fusion_tokens)
-        self.decoder.tie_weights()
-        self.encoder = encoder if encoder is not None else build_image_encoder(cfg)
-        self.projector = nn.Linear(self.encoder.out_dim, cfg.text.dim, bias=True)
+        names = [m.name for m in modalities]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"a MultimodalLlama needs one or more modalities with distinct names, got {names}")
+        ids = [i for m in modalities for i in m.token_ids()]
+        limit = decoder.cfg.vocab_size + n_media_tokens
+        if len(set(ids)) != len(ids) or any(not decoder.cfg.vocab_size <= i < limit for i in ids):
+            raise ValueError(f"the modalities' media ids {dict(zip(names, (m.token_ids() for m in modalities)))} "
+                             f"must be distinct and within {decoder.cfg.vocab_size}..{limit - 1}")
+        self.n_media_tokens = n_media_tokens
+        self.decoder = fused_decoder(decoder, modalities)
+        self.modality_names = tuple(names)
+        for modality in modalities:
+            self.add_module(modality.name, modality)
+
+    @classmethod
+    def from_config(cls, cfg: MultimodalConfig, decoder: LlamaDecoder | None = None,
+                    encoder: nn.Module | None = None) -> "MultimodalLlama":
+        """The image model `cfg` describes, on `decoder` (a new one when None)."""
+        decoder = decoder if decoder is not None else LlamaDecoder(cfg.text)
+        image = ImageModality(cfg.text, cfg.vision, encoder=cfg.encoder, fusion_layers=tuple(cfg.fusion_layers),
+                              encoder_module=encoder)
+        return cls(decoder, [image], n_media_tokens=cfg.n_fusion_tokens)
 
     @property
-    def cfg(self) -> MultimodalConfig:
-        return self.mm_cfg
+    def text_cfg(self) -> LlamaConfig:
+        return self.decoder.cfg
+
+    @property
+    def vocab_size(self) -> int:
+        """Input ids the model accepts (the output head keeps the LM's vocabulary)."""
+        return self.text_cfg.vocab_size + self.n_media_tokens
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.text_cfg.max_seq_len
+
+    @property
+    def modalities(self) -> dict[str, Modality]:
+        return {name: getattr(self, name) for name in self.modality_names}
 
     def tie_weights(self) -> None:
         self.decoder.tie_weights()
 
-    # ------------------------------------------------------------------ trainable sets
+    # ------------------------------------------------------------------ trainable groups
+    def _adapter_parts(self, name: str) -> Iterable[nn.Module]:
+        """The parts the model added for modality `name`: its blocks and its embedding rows."""
+        for layer in self.decoder.layers:
+            if isinstance(layer, FusionLayer) and name in layer.fusion:
+                yield layer.fusion[name]
+        yield self.decoder.tok_embeddings.media[name]
+
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
-        """Every parameter in exactly one of `encoder`, `fusion` (projection, cross-attention, new
-        embedding rows) and `decoder` (the LM)."""
-        fusion_ids = {id(p) for p in self._fusion_parameters()}
-        encoder_ids = {id(p) for p in self.encoder.parameters()}
-        groups: dict[str, dict[str, nn.Parameter]] = {name: {} for name in TRAINABLE_GROUPS}
-        for name, p in self.named_parameters():
-            group = "encoder" if id(p) in encoder_ids else "fusion" if id(p) in fusion_ids else "decoder"
-            groups[group][name] = p
+        """`{group: {parameter name: parameter}}`, every parameter in exactly one group: `<modality>.<group>`
+        for each modality's `groups()` (its blocks and embedding rows in `<modality>.<adapter_group>`), and
+        `decoder` (the LM)."""
+        owner: dict[int, str] = {}
+        for name, modality in self.modalities.items():
+            parts = [(group, [module]) for group, module in modality.groups().items()]
+            parts.append((modality.adapter_group, list(self._adapter_parts(name))))
+            for group, modules in parts:
+                for module in modules:
+                    for p in module.parameters():
+                        owner.setdefault(id(p), f"{name}.{group}")
+            stray = [n for n, p in modality.named_parameters() if id(p) not in owner]
+            if stray:
+                raise ValueError(f"{type(modality).__name__}.groups() leaves out {stray[:5]}; every parameter of a "
+                                 "modality must be in one of its groups")
+        groups: dict[str, dict[str, nn.Parameter]] = {g: {} for g in dict.fromkeys(owner.values())}
+        groups[DECODER_GROUP] = {}
+        for n, p in self.named_parameters():
+            groups[owner.get(id(p), DECODER_GROUP)][n] = p
         return groups
 
-    def _fusion_parameters(self) -> Iterator[nn.Parameter]:
-        yield from self.projector.parameters()
-        yield from self.decoder.tok_embeddings.fusion_embedding.parameters()
-        for layer in self.decoder.layers:
-            if isinstance(layer, FusionLayer):
-                yield from layer.fusion.parameters()
+    def group_names(self) -> tuple[str, ...]:
+        return tuple(self.parameter_groups())
 
-    def set_trainable(self, *, encoder: bool, fusion: bool, decoder: bool = False) -> None:
-        """Declare what trains in this stage; everything else is frozen."""
-        flags = {"encoder": encoder, "fusion": fusion, "decoder": decoder}
-        for group, params in self.parameter_groups().items():
+    def set_trainable(self, groups: Iterable[str]) -> None:
+        """Train exactly `groups` (names from `group_names()`, e.g. `["image.encoder", "image.fusion"]`)."""
+        wanted = list(groups)
+        all_groups = self.parameter_groups()
+        unknown = [g for g in wanted if g not in all_groups]
+        if unknown:
+            raise ValueError(f"unknown trainable group(s) {unknown}; this model's groups are {list(all_groups)}")
+        for group, params in all_groups.items():
             for p in params.values():
-                p.requires_grad_(flags[group])
-
-    # ------------------------------------------------------------------ images
-    def encode_images(self, images: ImageInputs) -> torch.Tensor:
-        """Projected vision tokens `[B, N·T·P, D]` (padding images and tiles are masked later as keys).
-
-        Only real images go through the encoder; each is encoded on its own, so the result does not
-        depend on the other images in the batch.
-        """
-        pixels = images.pixels
-        batch, n_images, n_tiles = pixels.shape[:3]
-        real = images.aspect_ratio_ids > 0  # [B, N]
-        feats = pixels.new_zeros(batch, n_images, n_tiles, self.encoder.tokens_per_tile, self.encoder.out_dim)
-        if bool(real.any()):
-            out = self.encoder(pixels[real][:, None], images.aspect_ratio_ids[real][:, None], images.tile_mask[real][:, None])
-            feats[real] = out[:, 0].to(feats.dtype)
-        return self.projector(feats).flatten(1, 3)
-
-    def _cross_attention_inputs(
-        self,
-        tokens: torch.Tensor,
-        images: ImageInputs | None,
-        attention_mask: torch.Tensor | None,
-        cache: KVCache | None,
-    ) -> CrossAttentionInputs | None:
-        state = cache.fusion_state.get(CROSS_ATTENTION_KEY) if cache is not None and cache.length > 0 else None
-        if state is not None:  # decoding: every new token sees what the last prompt token saw
-            key_rows = state["decode_keys"][:, None, :].expand(tokens.shape[0], tokens.shape[1], -1)
-            key_mask, row_mask = attention_masks(key_rows)
-            return CrossAttentionInputs(None, key_mask, row_mask, kv=state["kv"])
-        if images is None or images.pixels.shape[1] == 0 or not bool((images.aspect_ratio_ids > 0).any()):
-            if bool((tokens == self.cfg.image_token_id).any()):  # image tokens but no images: say which sample
-                text_image_mask(tokens, self.cfg.image_token_id, [[] for _ in range(tokens.shape[0])], 1)
-            return None  # text only: the decoder runs exactly as the plain LM
-        dense = text_image_mask(tokens, self.cfg.image_token_id, images.num_tiles, images.pixels.shape[2])
-        if attention_mask is not None:
-            dense = dense & attention_mask.to(torch.bool)[:, :, None, None]
-        key_rows = flatten_key_mask(dense, self.encoder.tokens_per_tile)
-        key_mask, row_mask = attention_masks(key_rows)
-        inputs = CrossAttentionInputs(self.encode_images(images), key_mask, row_mask)
-        if cache is not None:
-            cache.fusion_state[CROSS_ATTENTION_KEY] = {"kv": inputs.kv, "decode_keys": key_rows[:, -1]}
-        return inputs
+                p.requires_grad_(group in wanted)
 
     # ------------------------------------------------------------------ forward
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         return self.decoder.new_cache(batch_size, max_len)
 
+    def _media(self, media: dict[str, Any] | None, images: ImageInputs | None) -> dict[str, Any]:
+        media = dict(media or {})
+        if images is not None:
+            if "image" in media:
+                raise ValueError("pass images either as images= or as media['image'], not both")
+            media["image"] = images
+        unknown = sorted(set(media) - set(self.modality_names))
+        if unknown:
+            raise ValueError(f"media for {unknown}, which this model has no modality for; its modalities are "
+                             f"{list(self.modality_names)}")
+        return media
+
+    def _no_media_tokens(self, tokens: torch.Tensor, modality: Modality) -> None:
+        hits = torch.isin(tokens, torch.tensor(modality.token_ids(), device=tokens.device))
+        if bool(hits.any()):
+            b = int(hits.any(dim=1).nonzero()[0])
+            raise ValueError(f"sample {b} has {int(hits[b].sum())} {modality.name} token(s) but no {modality.name} "
+                             f"input was given; pass media={{'{modality.name}': ...}} or remove the tokens")
+
     def forward(
         self,
         tokens: torch.Tensor,
         *,
+        media: dict[str, Any] | None = None,
         images: ImageInputs | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         extras: dict[str, Any] | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits `[B, T, V]` for `tokens [B, T]` containing one `<|image|>` per image in `images`.
+        """Logits `[B, T, V]` for `tokens [B, T]`; `media` maps modality names to their collated inputs
+        (`images=` is shorthand for `media={"image": images}`).
 
-        Text rows before a sample's first image, padding rows and text-only samples get no image signal.
-        With a `cache`, the first call (prefill) computes each fusion layer's image keys/values once;
-        later calls reuse them and need no `images`.
+        Text rows before a sample's first image, padding rows and text-only samples get no image signal;
+        a batch without media runs exactly as the plain LM. With a `cache`, the first call (prefill)
+        computes each block's keys/values once per modality; later calls reuse them and need no media.
         """
+        media = self._media(media, images)
+        decoding = cache is not None and cache.length > 0
+        cross: dict[str, CrossAttentionInputs] = {}
+        spans: list[SpanEmbeddings] = []
+        for name, modality in self.modalities.items():
+            state_key = f"{CROSS_ATTENTION_KEY}.{name}"
+            state = cache.fusion_state.get(state_key) if decoding else None
+            if state is not None:  # every new token sees what the last prompt token saw
+                key_rows = state["decode_keys"][:, None, :].expand(tokens.shape[0], tokens.shape[1], -1)
+                key_mask, row_mask = attention_masks(key_rows)
+                cross[name] = CrossAttentionInputs(None, key_mask, row_mask, kv=state["kv"])
+                continue
+            prepared = modality.prepare(tokens, media.get(name), attention_mask)
+            if prepared is None:
+                self._no_media_tokens(tokens, modality)
+            elif isinstance(prepared, SpanEmbeddings):
+                spans.append(prepared)
+            else:
+                cross[name] = prepared
+                if cache is not None:
+                    cache.fusion_state[state_key] = {"kv": prepared.kv, "decode_keys": prepared.decode_keys}
         extras = dict(extras or {})
-        inputs = self._cross_attention_inputs(tokens, images, attention_mask, cache)
-        if inputs is not None:
-            extras[CROSS_ATTENTION_KEY] = inputs
-        return self.decoder(tokens, attention_mask=attention_mask, cache=cache, extras=extras, last_only=last_only)
+        if cross:
+            extras[CROSS_ATTENTION_KEY] = cross
+        if not spans:
+            return self.decoder(tokens, attention_mask=attention_mask, cache=cache, extras=extras, last_only=last_only)
+        embeds = self.decoder.tok_embeddings(tokens)
+        for span in spans:
+            embeds = embeds.index_put((span.positions,), span.embeds.to(embeds.dtype))
+        return self.decoder(embeds=embeds, attention_mask=attention_mask, cache=cache, extras=extras,
+                            last_only=last_only)
+
+
+__all__ = ["DECODER_GROUP", "MultimodalConfig", "MultimodalLlama", "N_FUSION_TOKENS", "fused_decoder"]

@@ -8,8 +8,8 @@
   `MultimodalLlama` with the recipe's image encoder (`model.encoder` + `model.vision`) and
   cross-attention before `model.fusion_layers`; the encoder's pretrained weights come from
   `model.encoder_checkpoint`, and `model.init_from` (an earlier adapter run: annealing and SFT start
-  from pretraining) supplies the adapter weights. The stage is declared once with
-  `set_trainable(encoder=…, fusion=…, decoder=…)`.
+  from pretraining; several runs load as one union) supplies the adapter weights. The stage is declared
+  once with `set_trainable(model.train)` (the model's group names, `image.encoder` / `image.fusion`).
 * `data.task: contrastive` — image-encoder pretraining (`mm_llama.train.contrastive`): a timm ViT
   against the frozen LM's caption features.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +34,15 @@ from torch import nn
 from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
 from mm_llama.checkpoints.files import iter_safetensors
 from mm_llama.checkpoints.loading import llama_config_from_dir, load_llama
-from mm_llama.checkpoints.multimodal_loading import ADAPTER_FILE, adapter_state_dict, vision_config_from_dict
+from mm_llama.checkpoints.multimodal_loading import (
+    ADAPTER_FILE, adapter_state_dict, upgrade_adapter_keys, vision_config_from_dict,
+)
 from mm_llama.checkpoints.state_dict import CheckpointError
 from mm_llama.config import LlamaConfig, RopeScaling, preset
 from mm_llama.data.pipelines import IMAGE_TASKS  # the image tasks the loader reads are the ones a stage trains
 from mm_llama.fusion import fusion_schedule
 from mm_llama.model import LlamaDecoder
-from mm_llama.multimodal import MultimodalConfig, MultimodalLlama
+from mm_llama.multimodal import DECODER_GROUP, MultimodalConfig, MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.train.recipe import RecipeConfig, RecipeError
 
@@ -108,9 +111,9 @@ def tokenizer_dir_for(cfg: RecipeConfig) -> Path:
     """Where the tokenizer is: `data.tokenizer`, else the base LM / `init_from` checkpoint directory."""
     if cfg.data.tokenizer:
         return Path(cfg.data.tokenizer)
-    for key in ("base_lm", "init_from"):
-        value = getattr(cfg.model, key)
-        if value and (cfg.model.kind == "llama" or key == "base_lm"):
+    candidates = [cfg.model.base_lm] + (cfg.model.init_runs() if cfg.model.kind == "llama" else [])
+    for value in candidates:
+        if value:
             directory = lm_checkpoint_dir(value)
             if any((directory / f).is_file() for f in TOKENIZER_FILES):
                 return directory
@@ -179,7 +182,7 @@ def text_config(text: str | dict[str, Any] | None, tokenizer: Tokenizer) -> Llam
 
 def build_llama(cfg: RecipeConfig, tokenizer: Tokenizer) -> LlamaDecoder:
     """A trainable `LlamaDecoder`: loaded from `init_from` / `base_lm`, or new from `model.text`."""
-    source = cfg.model.init_from or cfg.model.base_lm
+    source = (cfg.model.init_runs() or [None])[0] or cfg.model.base_lm
     if source:
         model = load_llama(lm_checkpoint_dir(source))
         if model.cfg.vocab_size < tokenizer.vocab_size:
@@ -216,20 +219,21 @@ def load_encoder_checkpoint(model: MultimodalLlama, path: str | Path) -> None:
     """Pretrained encoder weights: for timm a backbone state dict (what image_encoder_pretrain writes,
     or any timm / OpenCLIP file `TimmEncoderConfig.weights` accepts; positional embeddings are
     resampled to the tile size); for mllama a safetensors file of the encoder's state dict (keys as
-    `model.encoder.state_dict()`, optionally prefixed `encoder.` or `vision_model.`)."""
+    `model.image.encoder.state_dict()`, optionally prefixed `image.encoder.`, `encoder.` or `vision_model.`)."""
     file = encoder_weights_file(path)
-    if model.cfg.encoder == "timm":
+    encoder = model.image.encoder
+    if model.image.encoder_kind == "timm":
         from mm_llama.encoders.timm_vit import load_backbone_weights
 
-        load_backbone_weights(model.encoder.backbone, file)
+        load_backbone_weights(encoder.backbone, file)
         return
     tensors = _read_tensors(file)
-    for prefix in ("encoder.", "vision_model."):
+    for prefix in ("image.encoder.", "encoder.", "vision_model."):
         if tensors and all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-    result = model.encoder.load_state_dict(tensors, strict=False)
+    result = encoder.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise RecipeError(f"model.encoder_checkpoint {file} does not fit the {model.cfg.encoder} encoder: missing "
+        raise RecipeError(f"model.encoder_checkpoint {file} does not fit the {model.image.encoder_kind} encoder: missing "
                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; check model.vision")
 
 
@@ -267,7 +271,7 @@ def _resample_pos_embed(model: MultimodalLlama, name: str, tensor: torch.Tensor,
     """A timm backbone's absolute position embedding from an earlier stage's tile size to this one's."""
     from timm.layers import resample_abs_pos_embed
 
-    backbone = model.encoder.backbone
+    backbone = model.image.encoder.backbone
     prefix_in_embed = 0 if getattr(backbone, "no_embed_class", False) else int(getattr(backbone, "num_prefix_tokens", 1))
     old = int(math.isqrt(tensor.shape[1] - prefix_in_embed))
     grid = backbone.patch_embed.grid_size
@@ -277,37 +281,60 @@ def _resample_pos_embed(model: MultimodalLlama, name: str, tensor: torch.Tensor,
                                   num_prefix_tokens=prefix_in_embed).to(target.dtype)
 
 
-def load_adapter_weights(model: MultimodalLlama, run: str | Path) -> Path:
-    """Continue from an earlier stage: copy its encoder + fusion weights into `model`.
+def load_adapter_weights(model: MultimodalLlama, runs: str | Path | list[str | Path]) -> list[Path]:
+    """Continue from earlier stages: copy their adapter weights into `model` (`model.init_from`).
 
-    Every adapter tensor of `model` must be in the file, with the same shape — except a timm
-    backbone's position embedding, which is resampled when the tile size changed (annealing at a
-    higher resolution). Returns the file read.
+    Several runs load as one union (an image adapter and a speech adapter trained apart); a key that two
+    of them hold is an error naming it. Every adapter tensor of a modality the runs cover must be there,
+    with the same shape — except a timm backbone's position embedding, which is resampled when the tile
+    size changed (annealing at a higher resolution); a modality no run covers keeps its fresh weights.
+    Files from before modalities were named load under the image names. Returns the files read.
     """
-    tensors, file = adapter_weights_of(run)
+    tensors: dict[str, torch.Tensor] = {}
+    source: dict[str, Path] = {}
+    files = []
+    for run in [runs] if isinstance(runs, (str, Path)) else runs:
+        run_tensors, file = adapter_weights_of(run)
+        files.append(file)
+        for key, tensor in upgrade_adapter_keys(run_tensors).items():
+            if key in tensors:
+                raise RecipeError(f"model.init_from: {source[key]} and {file} both hold {key}; list runs of "
+                                  "different modalities (or one run per modality)")
+            tensors[key], source[key] = tensor, file
+    where = ", ".join(str(f) for f in files)
     expected = adapter_state_dict(model)
+    covered = {_modality_of(k) for k in tensors}
     unexpected = sorted(set(tensors) - set(expected))
-    missing = sorted(set(expected) - set(tensors))
+    missing = sorted(k for k in set(expected) - set(tensors) if _modality_of(k) in covered)
     if unexpected or missing:
-        raise RecipeError(f"model.init_from {file} does not match this model's adapter: missing {missing[:5]}"
+        raise RecipeError(f"model.init_from {where} does not match this model's adapter: missing {missing[:5]}"
                           f"{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}; the earlier stage must use the "
                           "same model.encoder, model.vision (except tile_size) and model.fusion_layers")
     state = model.state_dict(keep_vars=True)
     mismatched = []
     with torch.no_grad():
-        for name in expected:
-            source, target = tensors[name], state[name]
-            if source.shape != target.shape:
-                if model.cfg.encoder == "timm" and name == "encoder.backbone.pos_embed":
-                    source = _resample_pos_embed(model, name, source, target)
+        for name in sorted(set(expected) & set(tensors)):
+            source_tensor, target = tensors[name], state[name]
+            if source_tensor.shape != target.shape:
+                if model.image.encoder_kind == "timm" and name == "image.encoder.backbone.pos_embed":
+                    source_tensor = _resample_pos_embed(model, name, source_tensor, target)
                 else:
-                    mismatched.append(f"{name}: {tuple(source.shape)} vs {tuple(target.shape)}")
+                    mismatched.append(f"{name}: {tuple(source_tensor.shape)} vs {tuple(target.shape)}")
                     continue
-            target.copy_(source)
+            target.copy_(source_tensor)
     if mismatched:
-        raise RecipeError(f"model.init_from {file}: shape mismatch(es) {mismatched[:5]}; the earlier stage used another "
+        raise RecipeError(f"model.init_from {where}: shape mismatch(es) {mismatched[:5]}; the earlier stage used another "
                           "encoder / fusion shape")
-    return file
+    return files
+
+
+_FUSED_KEY = re.compile(r"decoder\.(?:layers\.\d+\.fusion|tok_embeddings\.media)\.([^.]+)\.")
+
+
+def _modality_of(key: str) -> str:
+    """The modality an adapter key belongs to (`image.encoder.x`, `decoder.layers.3.fusion.image.x` → image)."""
+    match = _FUSED_KEY.match(key)
+    return match.group(1) if match else key.split(".", 1)[0]
 
 
 def init_fusion_gates(model: MultimodalLlama, value: float) -> None:
@@ -327,9 +354,6 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
     if model_cfg.text is not None:
         raise RecipeError("model.text describes a new LM for model.kind=llama; an image model uses the LM in "
                           "model.base_lm — remove model.text")
-    if model_cfg.train_decoder:
-        raise RecipeError("model.train_decoder=true: the image stages keep the LM frozen, and a run's export "
-                          "(adapter.safetensors) holds only the encoder and fusion weights; set model.train_decoder=false")
     decoder = load_llama(lm_checkpoint_dir(model_cfg.base_lm))
     if decoder.cfg.vocab_size < tokenizer.vocab_size:
         raise RecipeError(f"the base LM has {decoder.cfg.vocab_size} vocabulary rows but the tokenizer has "
@@ -338,14 +362,18 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
     torch.manual_seed(cfg.train.seed)
     mm_cfg = MultimodalConfig(text=decoder.cfg, vision=vision, encoder=model_cfg.encoder,
                               fusion_layers=tuple(model_cfg.fusion_layers))
-    model = MultimodalLlama(mm_cfg, decoder=decoder)
+    model = MultimodalLlama.from_config(mm_cfg, decoder=decoder)
+    trained = model_cfg.trainable_groups(model.group_names())
+    if DECODER_GROUP in trained:
+        raise RecipeError("model.train lists decoder: the image stages keep the LM frozen, and a run's export "
+                          "(adapter.safetensors) holds only adapter weights; remove decoder from model.train")
     init_fusion_gates(model, model_cfg.fusion_gate_init)
-    check_data_geometry(cfg, model.encoder.tile_size, model.encoder.max_tiles)
+    check_data_geometry(cfg, model.image.encoder.tile_size, model.image.encoder.max_tiles)
     if model_cfg.encoder_checkpoint:
         load_encoder_checkpoint(model, model_cfg.encoder_checkpoint)
     if model_cfg.init_from:
-        load_adapter_weights(model, model_cfg.init_from)
-    model.set_trainable(encoder=model_cfg.train_encoder, fusion=model_cfg.train_fusion, decoder=model_cfg.train_decoder)
+        load_adapter_weights(model, model_cfg.init_runs())
+    model.set_trainable(trained)
     model.train()
     return model
 

@@ -122,7 +122,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     if unexpected or missing:
         raise CheckpointingError(
             f"checkpoint does not match the model's trainable parameters: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}; resume with the recipe (model.train_* flags, architecture) the run started with"
+            f"{unexpected[:5]}; resume with the recipe (model.train, architecture) the run started with"
         )
     with torch.no_grad():
         for name, target in expected.items():

@@ -31,18 +31,22 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from mm_llama.atomic_file import atomic_write
 from mm_llama.data.prompts import IGNORE_INDEX
 from mm_llama.model import LlamaDecoder
 from mm_llama.tokenizer import Tokenizer
-from mm_llama.train.recipe import RecipeConfig, RecipeError
+from mm_llama.train.recipe import DECODER_GROUP, RecipeConfig, RecipeError
+
+ENCODER_GROUP = "image.encoder"  # the backbone, named as in the adapter stages that start from it
+HEADS_GROUP = "contrastive"  # the two projections and the logit scale
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,9 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
 class ContrastiveModel(nn.Module):
     """Trainable ViT backbone + projections + temperature against a frozen `LlamaDecoder`.
 
-    Parameter groups (for the optimizer and `set_trainable`): `encoder` = the backbone, `fusion` = the
-    two projections and the logit scale, `decoder` = the LM (frozen).
+    Parameter groups (for the optimizer and `set_trainable`): `image.encoder` = the backbone (the name
+    it has in the adapter stages it is pretrained for), `contrastive` = the two projections and the logit
+    scale, `decoder` = the LM (frozen).
     """
 
     def __init__(self, backbone: nn.Module, lm: LlamaDecoder, settings: ContrastiveSettings = ContrastiveSettings(),
@@ -139,17 +144,25 @@ class ContrastiveModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / settings.init_temperature)))
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
-        groups: dict[str, dict[str, nn.Parameter]] = {"encoder": {}, "fusion": {}, "decoder": {}}
+        groups: dict[str, dict[str, nn.Parameter]] = {ENCODER_GROUP: {}, HEADS_GROUP: {}, DECODER_GROUP: {}}
         for name, p in self.named_parameters():
-            group = "encoder" if name.startswith("encoder.") else "decoder" if name.startswith("lm.") else "fusion"
+            group = ENCODER_GROUP if name.startswith("encoder.") else DECODER_GROUP if name.startswith("lm.") else HEADS_GROUP
             groups[group][name] = p
         return groups
 
-    def set_trainable(self, *, encoder: bool, fusion: bool, decoder: bool = False) -> None:
-        flags = {"encoder": encoder, "fusion": fusion, "decoder": decoder}
-        for group, params in self.parameter_groups().items():
+    def group_names(self) -> tuple[str, ...]:
+        return tuple(self.parameter_groups())
+
+    def set_trainable(self, groups: Iterable[str]) -> None:
+        """Train exactly `groups` (of `group_names()`); everything else is frozen."""
+        wanted = list(groups)
+        all_groups = self.parameter_groups()
+        unknown = [g for g in wanted if g not in all_groups]
+        if unknown:
+            raise ValueError(f"unknown trainable group(s) {unknown}; this model's groups are {list(all_groups)}")
+        for group, params in all_groups.items():
             for p in params.values():
-                p.requires_grad_(flags[group])
+                p.requires_grad_(group in wanted)
 
     def encode_images(self, images: Any) -> torch.Tensor:
         """The first image of each row (`images.pixels [B, N, T, 3, H, W]`, `tile_mask [B, N, T]`) →
@@ -206,8 +219,6 @@ def build_contrastive(cfg: RecipeConfig, tokenizer: Tokenizer) -> ContrastiveMod
         raise RecipeError(f"contrastive image-encoder pretraining trains a timm ViT: set model.encoder=timm (got {m.encoder!r})")
     if not m.base_lm:
         raise RecipeError("contrastive pretraining needs model.base_lm: the frozen LM is the text tower")
-    if m.train_decoder:
-        raise RecipeError("contrastive pretraining keeps the LM frozen (LiT); set model.train_decoder=false")
     if m.init_from:
         raise RecipeError("model.init_from is for adapter stages; continue an encoder with model.encoder_checkpoint")
     settings = ContrastiveSettings.from_dict(dict(m.contrastive))
@@ -223,7 +234,10 @@ def build_contrastive(cfg: RecipeConfig, tokenizer: Tokenizer) -> ContrastiveMod
     if m.encoder_checkpoint:
         load_backbone_weights(backbone, encoder_weights_file(m.encoder_checkpoint))
     model = ContrastiveModel(backbone, lm, settings, tile_size=encoder.tile_size, max_tiles=encoder.max_tiles)
-    model.set_trainable(encoder=m.train_encoder, fusion=m.train_fusion, decoder=False)
+    trained = m.trainable_groups(model.group_names())
+    if DECODER_GROUP in trained:
+        raise RecipeError("contrastive pretraining keeps the LM frozen (LiT); remove decoder from model.train")
+    model.set_trainable(trained)
     model.train()
     return model
 
@@ -232,11 +246,8 @@ def save_encoder(model: ContrastiveModel, path: str | Path) -> Path:
     """Write the backbone's state dict to `path` (safetensors, atomically)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.encoder.state_dict().items()}
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(target)
-    return target
+    return atomic_write(target, safetensors_bytes(tensors, metadata={"format": "pt"}))
 
 
 __all__ = ["ContrastiveModel", "ContrastiveSettings", "build_contrastive", "caption_tokens", "save_encoder"]

@@ -17,7 +17,7 @@ Metrics (all pure Python, no Java):
 :class:`~mm_llama.train.eval_reader.EvalShardReader`) with greedy decoding and the SAME prompt
 templates as training (:func:`mm_llama.data.prompts.prompt_ids`; the VQA question is used as written
 in the shard, as the training pipeline does), images going through the model's own tiling settings
-(``model.cfg.vision.tile_size`` / ``max_tiles``). ``blank_images=True`` swaps every image for a
+(``model.image.vision_cfg.tile_size`` / ``max_tiles``). ``blank_images=True`` swaps every image for a
 mid-grey one of the same size: the control that shows how much of the score comes from the image.
 :func:`write_result` stores an :class:`EvalResult` as JSON.
 """
@@ -557,7 +557,7 @@ def evaluate(
     """Generate greedily for every sample of ``shards`` and score the outputs.
 
     Args:
-        model: a ``MultimodalLlama`` (its ``cfg.vision`` gives the image tiling; left in eval mode).
+        model: a ``MultimodalLlama`` with an image modality (its ``image.vision_cfg`` gives the tiling; left in eval mode).
         tokenizer: its ``Tokenizer``.
         shards: eval shards (image-caption layout for ``caption``, image-qa for ``vqa``), anything
             :func:`~mm_llama.train.eval_reader.expand_eval_shards` accepts; read in order, every
@@ -590,21 +590,21 @@ def evaluate(
         raise ValueError("prompt applies to the caption task only (VQA prompts are the questions)")
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
         raise ValueError(f"prompt must be a non-empty string or None (the training default), got {prompt!r}")
-    vision = getattr(getattr(model, "cfg", None), "vision", None)
+    vision = getattr(getattr(model, "image", None), "vision_cfg", None)
     if vision is None or not hasattr(vision, "tile_size"):
         raise ValueError(
-            f"evaluate needs an image model (MultimodalLlama) with cfg.vision, got {type(model).__name__}; "
+            f"evaluate needs an image model (a MultimodalLlama with an image modality), got {type(model).__name__}; "
             "load it with mm_llama.image_chat.load_image_model"
         )
 
     reader = EvalShardReader(shards)
     transform = ImageTransform(tile_size=vision.tile_size, max_tiles=vision.max_tiles)
-    media = MediaTokens(model.cfg.text.vocab_size)
+    media = MediaTokens(model.text_cfg.vocab_size)
     # a tokenizer that does not fit the model fails here, once, instead of skipping every sample
     prompt_ids(tokenizer, media, task, {"question": "?"} if task == "vqa" else ({"prompt": prompt} if prompt else {}))
     gen = GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
     device = next(model.parameters()).device
-    dtype = next(model.projector.parameters()).dtype if hasattr(model, "projector") else next(model.parameters()).dtype
+    dtype = next(model.image.projector.parameters()).dtype
     was_training = model.training
     model.eval()
 
@@ -635,7 +635,7 @@ def evaluate(
                 break
             try:
                 item = _make_item(sample, task, tokenizer, media, transform, prompt=prompt,
-                                  blank_images=blank_images, max_seq_len=model.cfg.max_seq_len)
+                                  blank_images=blank_images, max_seq_len=model.max_seq_len)
             except ValueError as e:  # missing fields / prompt too long / tiling: skip the sample, keep going
                 reader.skip(sample["shard"], sample["key"], str(e))
                 empty_references += isinstance(e, EmptyReferenceError)

@@ -1,7 +1,8 @@
 """AdamW over exactly the trainable parameters, per-group learning rates, decay rules, LR schedule.
 
-Parameter groups come from the model (`MultimodalLlama.parameter_groups()`: encoder / fusion /
-decoder); any other module is one group, `decoder`. Within a group each parameter has a *kind*
+Parameter groups come from the model (`MultimodalLlama.parameter_groups()`: `image.encoder`,
+`image.fusion`, …, `decoder`); any other module is one group, `decoder`. Group names in the recipe's
+`optim` section must be the model's. Within a group each parameter has a *kind*
 (`param_kind`): `weight` (matrices and convolutions), `bias`, `norm` (anything owned by a norm
 layer), `gate` (tanh gates) or `embedding` (embedding tables, class/positional embeddings). The
 optimizer gets one param group per (trainable group × decay / no decay); weight decay goes only to the
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from mm_llama.train.recipe import GROUPS, PARAM_KINDS, OptimConfig, ScheduleConfig
+from mm_llama.train.recipe import DECODER_GROUP, PARAM_KINDS, OptimConfig, RecipeError, ScheduleConfig
 
 
 class OptimizerParamsError(ValueError):
@@ -47,11 +48,7 @@ def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     """
     inner = unwrap(model)
     own = getattr(inner, "parameter_groups", None)
-    groups = own() if callable(own) else {"decoder": dict(inner.named_parameters())}
-    unknown = sorted(set(groups) - set(GROUPS))
-    if unknown:
-        raise ValueError(f"{type(inner).__name__}.parameter_groups() returned unknown group(s) {unknown}; "
-                         f"groups are {list(GROUPS)}")
+    groups = own() if callable(own) else {DECODER_GROUP: dict(inner.named_parameters())}
     seen: dict[int, str] = {}
     for group, params in groups.items():
         for name, p in params.items():
@@ -117,6 +114,21 @@ def group_lr(cfg: OptimConfig, group: str) -> float:
     return float(base) * float(cfg.lr_multipliers.get(group, 1.0))
 
 
+def check_group_names(cfg: OptimConfig, groups: list[str]) -> None:
+    """Raise RecipeError naming every group in `optim.lr`, `optim.lr_multipliers` and
+    `optim.weight_decay_groups` that is not one of the model's `groups`."""
+    named = [(f"optim.lr.{g}", g) for g in (cfg.lr if isinstance(cfg.lr, dict) else {})]
+    named += [(f"optim.lr_multipliers.{g}", g) for g in cfg.lr_multipliers]
+    for entry in cfg.weight_decay_groups:
+        group, _, kind = entry.rpartition(".")
+        if entry not in PARAM_KINDS and entry not in groups:
+            named.append((f"optim.weight_decay_groups entry {entry!r}", group if kind in PARAM_KINDS else entry))
+    unknown = [where for where, g in named if g not in groups]
+    if unknown:
+        raise RecipeError(f"{', '.join(unknown)}: not a parameter group of this model; its groups are {groups} "
+                          f"(weight_decay_groups also takes the kinds {list(PARAM_KINDS)} and 'group.kind')")
+
+
 class TrainableAdamW(torch.optim.AdamW):
     """`torch.optim.AdamW` that refuses frozen parameters (`requires_grad=False`) in any param group."""
 
@@ -129,7 +141,7 @@ class TrainableAdamW(torch.optim.AdamW):
             raise OptimizerParamsError(
                 f"param group {name} holds {len(frozen)} frozen parameter(s) (requires_grad=False, positions "
                 f"{frozen[:5]}); frozen parameters never enter the optimizer — declare what trains with "
-                "set_trainable / the recipe's model.train_* flags"
+                "set_trainable / the recipe's model.train"
             )
         if not isinstance(params, (torch.Tensor, set)):  # a set keeps torch's own error (unordered)
             param_group = {**param_group, "params": items}
@@ -143,10 +155,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> TrainableAdamW:
     the parameters live on CUDA. Raises if nothing is trainable.
     """
     groups = parameter_groups(model)
+    check_group_names(cfg, list(groups))
     kinds = param_kinds(model)
     param_groups: list[dict[str, Any]] = []
-    for group in GROUPS:
-        trainable = [p for p in groups.get(group, {}).values() if p.requires_grad]
+    for group in groups:
+        trainable = [p for p in groups[group].values() if p.requires_grad]
         if not trainable:
             continue
         lr = group_lr(cfg, group)
@@ -159,8 +172,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> TrainableAdamW:
                 })
     if not param_groups:
         raise OptimizerParamsError(
-            f"{type(unwrap(model)).__name__} has no trainable parameters; enable a group with the recipe's "
-            "model.train_encoder / train_fusion / train_decoder (or set_trainable)"
+            f"{type(unwrap(model)).__name__} has no trainable parameters; name the groups to train in the "
+            f"recipe's model.train (or set_trainable); its groups are {list(groups)}"
         )
     devices = {p.device.type for g in param_groups for p in g["params"]}
     fused = True if devices == {"cuda"} else None
@@ -195,7 +208,7 @@ def check_optimizer_params(optimizer: torch.optim.Optimizer, model: nn.Module) -
     if problems:
         raise OptimizerParamsError(
             "the optimizer must hold exactly the trainable parameters: " + "; ".join(problems)
-            + ". Rebuild it with build_optimizer after declaring what trains (set_trainable / model.train_*)"
+            + ". Rebuild it with build_optimizer after declaring what trains (set_trainable / model.train)"
         )
 
 
@@ -250,6 +263,6 @@ def build_scheduler(
 
 __all__ = [
     "OptimizerParamsError", "PARAM_KINDS", "TrainableAdamW", "build_optimizer", "build_scheduler",
-    "check_optimizer_params", "current_lrs", "decays", "group_lr", "lr_factor", "param_kind", "param_kinds",
+    "check_group_names", "check_optimizer_params", "current_lrs", "decays", "group_lr", "lr_factor", "param_kind", "param_kinds",
     "parameter_groups", "unwrap",
 ]

@@ -28,7 +28,7 @@ import yaml
 
 from mm_llama.atomic_file import atomic_write
 
-GROUPS = ("encoder", "fusion", "decoder")  # MultimodalLlama.parameter_groups(); see train.optim
+DECODER_GROUP = "decoder"  # the LM's trainable group; the others come from the model (train.optim)
 PARAM_KINDS = ("weight", "bias", "norm", "gate", "embedding")  # see train.optim.param_kind
 CONFIG_FILE = "config.yaml"
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -53,8 +53,11 @@ class ModelConfig:
     at (both gates of each block; their scale is its tanh). 0 is Meta's: the new blocks start as the
     identity, so the frozen LM is unchanged at step 0; a non-zero start lets image features reach the LM
     from the first step, which a from-scratch encoder needs (the gates of one that sends noise would
-    otherwise stay at 0). Weights from `init_from` replace it. `train_*`: the stage's trainable groups
-    (everything else is frozen); a `llama` model has the one group `decoder`, which always trains. `contrastive`: settings of
+    otherwise stay at 0). Weights from `init_from` replace it. `init_from` may list several runs (say an
+    image adapter and a speech adapter trained apart): their weights are loaded as one union, and a key
+    two of them hold is an error. `train`: the stage's trainable groups, named by the model
+    (`[image.encoder, image.fusion]`; null = every group but the LM's `decoder`); everything else is
+    frozen. A `llama` model has the one group `decoder`, which always trains. `contrastive`: settings of
     contrastive image-encoder pretraining (`data.task: contrastive`; see `train.contrastive`):
     `embed_dim`, `pool` (cls | mean), `init_temperature`, `max_logit_scale`.
     """
@@ -65,28 +68,42 @@ class ModelConfig:
     encoder: Literal["mllama", "timm"] = "mllama"
     vision: dict[str, Any] = field(default_factory=dict)
     encoder_checkpoint: str | None = None
-    init_from: str | None = None
+    init_from: str | list[str] | None = None
     fusion_layers: list[int] = field(default_factory=list)
     fusion_gate_init: float = 0.0
-    train_encoder: bool = True
-    train_fusion: bool = True
-    train_decoder: bool = False
+    train: list[str] | None = None
     contrastive: dict[str, Any] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
         out = []
-        if self.kind == "multimodal" and not (self.train_encoder or self.train_fusion or self.train_decoder):
-            out.append("model.train_encoder, model.train_fusion and model.train_decoder are all false: "
-                       "nothing would train; enable at least one")
+        if self.train is not None and not self.train:
+            out.append("model.train is empty: nothing would train; name at least one group (null = every group "
+                       "but the LM's)")
+        if self.kind == "llama" and len(self.init_runs()) > 1:
+            out.append(f"model.init_from lists {len(self.init_runs())} runs: a model.kind=llama stage starts from one LM")
+        if self.kind == "llama" and self.train not in (None, [DECODER_GROUP]):
+            out.append(f"model.train={self.train}: a model.kind=llama stage trains its one group, decoder; "
+                       "leave model.train out")
         out += [f"model.fusion_layers has a negative index {i}" for i in self.fusion_layers if i < 0]
         return out  # a non-finite fusion_gate_init is caught by non_finite_values, as every float is
 
-    def trainable_groups(self) -> tuple[str, ...]:
-        """The groups this stage trains (`decoder` only for `kind: llama`)."""
-        if self.kind == "llama":
-            return ("decoder",)
-        flags = {"encoder": self.train_encoder, "fusion": self.train_fusion, "decoder": self.train_decoder}
-        return tuple(g for g in GROUPS if flags[g])
+    def init_runs(self) -> list[str]:
+        """`init_from` as a list (empty when unset)."""
+        if self.init_from is None:
+            return []
+        return [self.init_from] if isinstance(self.init_from, str) else list(self.init_from)
+
+    def trainable_groups(self, model_groups: Sequence[str]) -> list[str]:
+        """The groups this stage trains among `model_groups` (the model's `parameter_groups()` names):
+        `train`, or every group but `decoder` when it is null. Unknown names are a RecipeError listing
+        the model's groups."""
+        if self.train is None:
+            return [g for g in model_groups if g != DECODER_GROUP] or [DECODER_GROUP]
+        unknown = [g for g in self.train if g not in model_groups]
+        if unknown:
+            raise RecipeError(f"model.train names {unknown}, which this model does not have; its groups are "
+                              f"{list(model_groups)}")
+        return list(self.train)
 
 
 @dataclass
@@ -141,11 +158,13 @@ class DataConfig:
 class OptimConfig:
     """AdamW settings.
 
-    `lr`: one learning rate, or absolute rates per trainable group (`{encoder: 1e-4, fusion: 1e-3}`);
-    `lr_multipliers`: per-group factors applied on top (`{encoder: 0.1}`). `weight_decay` applies only
+    `lr`: one learning rate, or absolute rates per trainable group (`{image.encoder: 1e-4, image.fusion:
+    1e-3}`); `lr_multipliers`: per-group factors applied on top (`{image.encoder: 0.1}`). Group names are
+    the model's (`MultimodalLlama.parameter_groups()`); a nested mapping is the same (`{image: {encoder:
+    0.1}}`, what the override `optim.lr_multipliers.image.encoder=0.1` writes). `weight_decay` applies only
     to the parameters `weight_decay_groups` names: a parameter kind (`weight`, `bias`, `norm`, `gate`,
-    `embedding`; see `train.optim.param_kind`), a group (`encoder`: all its parameters) or both
-    (`encoder.norm`). `grad_clip`: max global grad norm (null = no clipping);
+    `embedding`; see `train.optim.param_kind`), a group (`image.encoder`: all its parameters) or both
+    (`image.encoder.norm`). `grad_clip`: max global grad norm (null = no clipping);
     `accumulation_steps`: micro-batches per optimizer step (gradients accumulate in FP32).
     """
 
@@ -173,12 +192,8 @@ class OptimConfig:
             out.append(f"optim.eps must be > 0, got {self.eps}")
         if self.weight_decay < 0:
             out.append(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        for entry in self.weight_decay_groups:
-            group, _, kind = entry.partition(".")
-            ok = (entry in PARAM_KINDS or entry in GROUPS) if not kind else (group in GROUPS and kind in PARAM_KINDS)
-            if not ok:
-                out.append(f"optim.weight_decay_groups entry {entry!r} is not a parameter kind {list(PARAM_KINDS)}, "
-                           f"a group {list(GROUPS)} or 'group.kind'")
+        out += [f"optim.weight_decay_groups entry {entry!r} is empty; name a parameter kind {list(PARAM_KINDS)}, "
+                "a group or 'group.kind'" for entry in self.weight_decay_groups if not entry.strip(".")]
         if self.grad_clip is not None and self.grad_clip <= 0:
             out.append(f"optim.grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
         out += _positive("optim", self, ("accumulation_steps",))
@@ -294,11 +309,7 @@ class RecipeConfig:
         if self.schedule.warmup_steps > self.total_steps:
             out.append(f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds the schedule's "
                        f"{self.total_steps} steps; shorten the warm-up or raise schedule.total_steps / train.steps")
-        for key in ("lr", "lr_multipliers"):
-            value = getattr(self.optim, key)
-            if isinstance(value, dict):
-                out += [f"optim.{key}.{g} is not a parameter group; use {list(GROUPS)}" for g in value if g not in GROUPS]
-        return out
+        return out  # group names in optim.lr / lr_multipliers / weight_decay_groups: checked against the model
 
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -571,13 +582,35 @@ def _build_dataclass(cls: type, raw: dict[str, Any], path: str, issues: _Issues)
     return cls(**kwargs)
 
 
+_RENAMED = {f"model.train_{part}": f" (replaced by model.train, a list of the model's groups such as "
+            f"[image.encoder, image.fusion])" for part in ("encoder", "fusion", "decoder")}
+
+
+def _flatten_group_maps(raw: dict[str, Any]) -> dict[str, Any]:
+    """`optim.lr` / `optim.lr_multipliers` with nested mappings (`{image: {encoder: 0.1}}`, what a dotted
+    override writes) flattened to the model's dotted group names (`{image.encoder: 0.1}`)."""
+    optim = raw.get("optim")
+    if not isinstance(optim, dict):
+        return raw
+
+    def flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in mapping.items():
+            name = f"{prefix}{key}"
+            out.update(flat(value, name + ".") if isinstance(value, dict) else {name: value})
+        return out
+
+    optim = {k: flat(v) if k in ("lr", "lr_multipliers") and isinstance(v, dict) else v for k, v in optim.items()}
+    return {**raw, "optim": optim}
+
+
 # ------------------------------------------------------------------------------------------ public API
 def recipe_from_dict(raw: dict[str, Any], source: str = "recipe", overridden: Sequence[str] = ()) -> RecipeConfig:
     """Validate a raw (already merged) recipe mapping; `overridden` dotted keys are marked in errors."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{source} must be a mapping of sections, got a {type(raw).__name__}")
     issues = _Issues()
-    cfg = _build_dataclass(RecipeConfig, raw, "", issues)
+    cfg = _build_dataclass(RecipeConfig, _flatten_group_maps(raw), "", issues)
     messages: list[str] = []
     if issues.unknown:
         lines = []
@@ -585,7 +618,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe", overridden: Se
             mark = " (from an override)" if any(dotted == o or dotted.startswith(o + ".") or o.startswith(dotted + ".")
                                                for o in overridden) else ""
             where = f"valid keys of {section}" if section else "valid top-level keys"
-            lines.append(f"  {dotted}{mark}: {where}: {', '.join(valid)}")
+            lines.append(f"  {dotted}{mark}: {where}: {', '.join(valid)}" + _RENAMED.get(dotted, ""))
         names = ", ".join(d for d, _, _ in issues.unknown)
         messages.append(f"unknown key(s) {names}:\n" + "\n".join(lines) + "\n  fix the spelling or remove them")
     if issues.types:

@@ -55,9 +55,10 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from mm_llama.atomic_file import atomic_write
 from mm_llama.train.build import ENCODER_FILE, MODEL_DIR, TOKENIZER_FILES, Built, build, resolve_recipe, stage_kind
 from mm_llama.train.checkpointing import (
     Checkpoint, CheckpointingError, capture_rng, checkpoint_name, latest_checkpoint, load_resumable_checkpoint,
@@ -224,7 +225,8 @@ def make_source(cfg: RecipeConfig, built: Built, shards: list[str], *, rank: int
     if built.kind == "contrastive":
         task, lm_cfg, tile, tiles = "caption", model.lm.cfg, model.tile_size, model.max_tiles
     else:
-        task, lm_cfg, tile, tiles = cfg.data.task, model.cfg.text, model.encoder.tile_size, model.encoder.max_tiles
+        encoder = model.image.encoder
+        task, lm_cfg, tile, tiles = cfg.data.task, model.text_cfg, encoder.tile_size, encoder.max_tiles
     max_seq_len = cfg.data.max_seq_len or lm_cfg.max_seq_len
     options = dict(cfg.data.options)
     if cfg.data.prompt is not None:
@@ -555,9 +557,9 @@ class Trainer:
         if self.kind == "llama":
             return model.state_dict()
         if self.kind == "multimodal":
-            from mm_llama.checkpoints.multimodal_loading import adapter_state_dict
+            from mm_llama.checkpoints.multimodal_loading import adapter_state_dict, export_groups
 
-            return adapter_state_dict(model)
+            return adapter_state_dict(model, export_groups(model))
         return model.encoder.state_dict()
 
     def export(self) -> Path | None:
@@ -577,12 +579,8 @@ class Trainer:
                 export = save_hf(model, self.run_dir / MODEL_DIR)
                 copy_tokenizer(self.built.tokenizer_dir, export)
             elif self.kind == "multimodal":
-                from mm_llama.checkpoints.multimodal_loading import adapter_state_dict
-
-                export = self.run_dir / ADAPTER_FILE
-                tmp = export.with_name(export.name + ".tmp")
-                save_file(adapter_state_dict(model), str(tmp), metadata={"format": "pt", "step": str(self.step)})
-                tmp.replace(export)
+                metadata = {"format": "pt", "step": str(self.step)}
+                export = atomic_write(self.run_dir / ADAPTER_FILE, safetensors_bytes(self._export_state(), metadata=metadata))
                 copy_tokenizer(self.built.tokenizer_dir, self.run_dir)
             else:
                 from mm_llama.train.contrastive import save_encoder

@@ -18,6 +18,8 @@ from mm_llama.checkpoints.hf import LAYER_NAMES, safetensors_files, unpermute_ch
 from mm_llama.checkpoints.state_dict import CheckpointError
 from mm_llama.config import ConfigFields, LlamaConfig, show_value
 
+IMAGE_ROW_KEY = "decoder.tok_embeddings.media.image.weight"  # the <|image|> row (Meta's learnable row 0)
+
 CROSS_LAYER_NAMES = {  # HF suffix inside a cross-attention layer → ours inside the fusion block
     "cross_attn.q_proj.weight": "attention.wq.weight",
     "cross_attn.k_proj.weight": "attention.wk.weight",
@@ -70,7 +72,10 @@ def text_config_from_hf(text: dict[str, Any]) -> tuple[LlamaConfig, list[int]]:
 def load_hf_mllama_tensors(
     directory: Path, text_cfg: LlamaConfig, cross_attention_layers: list[int]
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Our-named tensors (`decoder.*`, `encoder.*`, `projector.*`) from an HF Mllama checkpoint."""
+    """Our-named tensors (`decoder.*`, `image.encoder.*`, `image.projector.*`) from an HF Mllama checkpoint.
+
+    Of the 8 learnable embedding rows past the vocabulary only row 0 (`<|image|>`) is used; the other
+    seven are reserved in Meta's release and never trained, so they are not loaded."""
     cross = sorted(cross_attention_layers)
     for key, tensor in iter_safetensors(safetensors_files(directory)):
         canonical = _canonical(key)
@@ -79,14 +84,14 @@ def load_hf_mllama_tensors(
             continue
         part, rest = canonical.split(":", 1)
         if part == "vision":
-            yield f"encoder.{rest}", tensor
+            yield f"image.encoder.{rest}", tensor
         elif part == "projector":
-            yield f"projector.{rest}", tensor
+            yield f"image.projector.{rest}", tensor
         elif part == "head":
             yield f"decoder.output.{rest}", tensor
         elif rest == "embed_tokens.weight":
             yield "decoder.tok_embeddings.weight", tensor[: text_cfg.vocab_size]
-            yield "decoder.tok_embeddings.fusion_embedding.weight", tensor[text_cfg.vocab_size:]
+            yield IMAGE_ROW_KEY, tensor[text_cfg.vocab_size:text_cfg.vocab_size + 1]
         elif rest == "norm.weight":
             yield "decoder.norm.weight", tensor
         else:
@@ -111,7 +116,7 @@ def _text_layer(
     own = merged - sum(1 for c in cross if c < merged)
     if merged in cross:
         name = CROSS_LAYER_NAMES.get(suffix)
-        return (f"decoder.layers.{own}.fusion.{name}", tensor) if name else (key, tensor)
+        return (f"decoder.layers.{own}.fusion.image.{name}", tensor) if name else (key, tensor)
     name = LAYER_NAMES.get(suffix)
     if name is None:
         return key, tensor
@@ -152,19 +157,19 @@ def load_meta_mllama_tensors(
         if key.startswith("vision_model.vision_encoder."):
             vision[key[len("vision_model.vision_encoder."):]] = tensor
         elif key.startswith("vision_model.vision_projection."):
-            yield "projector." + key[len("vision_model.vision_projection."):], tensor
+            yield "image.projector." + key[len("vision_model.vision_projection."):], tensor
         elif key == "text_model.learnable_embedding.weight":
-            yield "decoder.tok_embeddings.fusion_embedding.weight", tensor
+            yield IMAGE_ROW_KEY, tensor[:1]
         elif key.startswith("text_model.cross_attention_layers."):
             index, _, rest = key[len("text_model.cross_attention_layers."):].partition(".")
             c = int(index) if index.isdigit() else len(schedule)
             if c >= len(schedule):
                 yield key, tensor
                 continue
-            yield f"decoder.layers.{schedule[c]}.fusion.{rest}", tensor
+            yield f"decoder.layers.{schedule[c]}.fusion.image.{rest}", tensor
         elif key.startswith("text_model."):
             yield "decoder." + key[len("text_model."):], tensor
         else:
             yield key, tensor
     for key, tensor in meta_vision_state_dict_to_ours(vision, vision_cfg).items():
-        yield f"encoder.{key}", tensor
+        yield f"image.encoder.{key}", tensor

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
+from mm_llama.atomic_file import atomic_write
 from mm_llama.checkpoints.files import config_errors, iter_safetensors, read_json_object
 from mm_llama.checkpoints.loading import checkpoint_format, llama_config_from_dir, llama_tensors, parse_dtype
-from mm_llama.checkpoints.mllama import load_hf_mllama_tensors, load_meta_mllama_tensors, text_config_from_hf
+from mm_llama.checkpoints.mllama import (
+    IMAGE_ROW_KEY, load_hf_mllama_tensors, load_meta_mllama_tensors, text_config_from_hf,
+)
 from mm_llama.checkpoints.state_dict import CheckpointError, assign_state_dict
 from mm_llama.config import ConfigFields, LlamaConfig
 from mm_llama.fusion import fusion_schedule
-from mm_llama.multimodal import MultimodalConfig, MultimodalLlama
+from mm_llama.multimodal import DECODER_GROUP, MultimodalConfig, MultimodalLlama
 
 ADAPTER_FILE = "adapter.safetensors"
 RUN_CONFIG = "config.yaml"
@@ -53,7 +57,7 @@ def vision_config_from_dict(encoder: str, fields: dict[str, Any]) -> Any:
 
 def _build(cfg: MultimodalConfig) -> MultimodalLlama:
     with torch.device("meta"):
-        return MultimodalLlama(cfg)
+        return MultimodalLlama.from_config(cfg)
 
 
 def _config_from_hf(directory: Path) -> tuple[MultimodalConfig, list[int]]:
@@ -122,28 +126,70 @@ def load_multimodal(
 
 
 # ---------------------------------------------------------------------------------------- adapters
-def adapter_state_dict(model: MultimodalLlama) -> dict[str, torch.Tensor]:
-    """The encoder and fusion weights (what adapter training changes), under state-dict names."""
-    trained = {id(p) for group in ("encoder", "fusion") for p in model.parameter_groups()[group].values()}
+def adapter_state_dict(model: MultimodalLlama, groups: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The weights of `groups` (default: every group but the frozen LM's), under state-dict names; the
+    names start with the modality (`image.encoder.*`, `decoder.layers.3.fusion.image.*`)."""
+    all_groups = model.parameter_groups()
+    wanted = [g for g in all_groups if g != DECODER_GROUP] if groups is None else list(groups)
+    unknown = [g for g in wanted if g not in all_groups]
+    if unknown:
+        raise ValueError(f"unknown group(s) {unknown}; the model's groups are {list(all_groups)}")
+    trained = {id(p) for group in wanted for p in all_groups[group].values()}
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict(keep_vars=True).items() if id(v) in trained}
 
 
-def save_adapter(model: MultimodalLlama, out_dir: str | Path, *, base_lm: str | Path) -> Path:
-    """Write `adapter.safetensors` + `config.yaml` (base LM path, encoder config, fusion layout)."""
+def export_groups(model: MultimodalLlama) -> list[str]:
+    """What an adapter run exports: every group of each modality the run trains (a frozen part of a
+    trained modality too, so the run loads on its own), nothing of the LM or of untrained modalities;
+    adapters of different modalities then load onto one LM as a plain union of their files."""
+    groups = model.parameter_groups()
+    trained = {g.split(".", 1)[0] for g, params in groups.items()
+               if g != DECODER_GROUP and any(p.requires_grad for p in params.values())}
+    return [g for g in groups if g.split(".", 1)[0] in trained]
+
+
+_LEGACY_PREFIXES = (("encoder.", "image.encoder."), ("projector.", "image.projector."))
+_LEGACY_BLOCK = re.compile(r"decoder\.layers\.(\d+)\.fusion\.(?!image\.)(.+)")
+_LEGACY_ROWS = "decoder.tok_embeddings.fusion_embedding.weight"
+
+
+def upgrade_adapter_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter tensors saved before modalities were named (`encoder.*`, `projector.*`,
+    `decoder.layers.i.fusion.*`, an 8-row `fusion_embedding`) under today's image names; current files
+    pass through unchanged. Of the 8 old rows only row 0 (`<|image|>`) ever received a gradient."""
+    if not any(k.startswith(("encoder.", "projector.")) or k == _LEGACY_ROWS for k in tensors):
+        return tensors
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        for old, new in _LEGACY_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        else:
+            if key == _LEGACY_ROWS:
+                key, tensor = IMAGE_ROW_KEY, tensor[:1]
+            elif (match := _LEGACY_BLOCK.fullmatch(key)) is not None:
+                key = f"decoder.layers.{match.group(1)}.fusion.image.{match.group(2)}"
+        out[key] = tensor
+    return out
+
+
+def save_adapter(model: MultimodalLlama, out_dir: str | Path, *, base_lm: str | Path,
+                 groups: Sequence[str] | None = None) -> Path:
+    """Write `adapter.safetensors` (the weights of `groups`, default every group but the LM's) and
+    `config.yaml` (base LM path, image encoder config, fusion layout), each atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
+    image = model.image
     run_cfg = {
         "base_lm": str(Path(base_lm).resolve()),
-        "encoder": cfg.encoder,
-        "vision": dataclasses.asdict(cfg.vision),
-        "fusion_layers": list(cfg.fusion_layers),
-        "n_fusion_tokens": cfg.n_fusion_tokens,
+        "encoder": image.encoder_kind,
+        "vision": dataclasses.asdict(image.vision_cfg),
+        "fusion_layers": list(image.fusion_layers),
+        "n_fusion_tokens": model.n_media_tokens,
     }
-    tmp = out / (ADAPTER_FILE + ".tmp")
-    save_file(adapter_state_dict(model), str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / ADAPTER_FILE)
-    (out / RUN_CONFIG).write_text(yaml.safe_dump(run_cfg, sort_keys=False))
+    atomic_write(out / ADAPTER_FILE, safetensors_bytes(adapter_state_dict(model, groups), metadata={"format": "pt"}))
+    atomic_write(out / RUN_CONFIG, yaml.safe_dump(run_cfg, sort_keys=False))
     return out
 
 
@@ -230,7 +276,7 @@ def load_adapter_run(
     model = _build(cfg)
     tensors: Iterator[tuple[str, torch.Tensor]] = itertools.chain(
         ((f"decoder.{k}", v) for k, v in llama_tensors(base, text_cfg)),
-        iter_safetensors([directory / ADAPTER_FILE]),
+        upgrade_adapter_keys(dict(iter_safetensors([directory / ADAPTER_FILE]))).items(),
     )
     assign_state_dict(model, tensors, dtype=parse_dtype(dtype), device=device, source=str(directory))
     return model.eval()

@@ -56,7 +56,7 @@ def test_caption_matches_the_library_and_prints_json(model_dir: Path, images: li
     transform = ImageTransform(tile_size=28, max_tiles=4)
     for path, row in zip(images, rows):
         batch = collate_images([[transform(path)]], max_tiles=4)
-        prompt = image_prompt(tok, "Describe this image in one sentence.", model.cfg.image_token_id)
+        prompt = image_prompt(tok, "Describe this image in one sentence.", model.image.token_id)
         out = generate(model, [prompt], GenerationConfig(max_new_tokens=5, stop_ids=tok.stop_ids,
                                                          pad_id=tok.pad_id), prefill_inputs={"images": batch})
         assert row["caption"] == tok.decode(out[0].tokens).strip()

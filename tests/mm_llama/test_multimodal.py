@@ -27,7 +27,7 @@ def _vision() -> VisionConfig:
 
 def _model(gates: float | None = 0.6, seed: int = 0) -> MultimodalLlama:
     torch.manual_seed(seed)
-    model = MultimodalLlama(MultimodalConfig(text=TEXT, vision=_vision(), fusion_layers=(0, 1))).eval()
+    model = MultimodalLlama.from_config(MultimodalConfig(text=TEXT, vision=_vision(), fusion_layers=(0, 1))).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "gate" in name:
@@ -87,7 +87,7 @@ def test_cached_generation_equals_full_forward_and_reuses_image_kv() -> None:
     prompts = [_prompt(1, seed=3), _prompt(2, n_text=2, seed=4)]
     images = make_images([[(2, 1)], [(1, 1), (1, 4)]], seed=6)
     calls = []
-    handle = model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    handle = model.image.encoder.register_forward_hook(lambda *a: calls.append(1))
     out = generate(model, prompts, GenerationConfig(max_new_tokens=8), prefill_inputs={"images": images})
     handle.remove()
     assert len(calls) == 1  # the encoder ran once, at prefill
@@ -114,23 +114,29 @@ def test_parameter_groups_partition_and_declared_freezing() -> None:
     groups = model.parameter_groups()
     names = [n for g in groups.values() for n in g]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
-    assert all("encoder." in n for n in groups["encoder"])
-    assert any("fusion_embedding" in n for n in groups["fusion"]) and any("projector" in n for n in groups["fusion"])
-    assert all(".fusion." in n or "projector" in n or "fusion_embedding" in n for n in groups["fusion"])
-    model.set_trainable(encoder=True, fusion=True, decoder=False)
+    assert list(groups) == ["image.encoder", "image.fusion", "decoder"]
+    assert all(n.startswith("image.encoder.") for n in groups["image.encoder"])
+    assert "decoder.tok_embeddings.media.image.weight" in groups["image.fusion"]
+    assert any(n.startswith("image.projector.") for n in groups["image.fusion"])
+    assert all(".fusion.image." in n or n.startswith("image.projector.") or ".media.image." in n
+               for n in groups["image.fusion"])
+    model.set_trainable(["image.encoder", "image.fusion"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == set(groups["encoder"]) | set(groups["fusion"])
+    assert trainable == set(groups["image.encoder"]) | set(groups["image.fusion"])
+    with pytest.raises(ValueError, match=r"unknown trainable group\(s\) \['encoder'\]; this model's groups are "
+                                         r"\['image.encoder', 'image.fusion', 'decoder'\]"):
+        model.set_trainable(["encoder"])
 
 
 def test_plain_llama_checkpoint_keys_load_into_the_fused_decoder(tmp_path: Path) -> None:
     torch.manual_seed(0)
     lm = LlamaDecoder(TEXT)
-    model = MultimodalLlama(MultimodalConfig(text=TEXT, vision=_vision(), fusion_layers=(1,)))
+    model = MultimodalLlama.from_config(MultimodalConfig(text=TEXT, vision=_vision(), fusion_layers=(1,)))
     decoder_keys = set(model.decoder.state_dict())
     assert set(lm.state_dict()) <= decoder_keys
-    assert decoder_keys - set(lm.state_dict()) == {k for k in decoder_keys if "fusion" in k}
+    assert decoder_keys - set(lm.state_dict()) == {k for k in decoder_keys if ".fusion.image." in k or ".media.image." in k}
     missing, unexpected = model.decoder.load_state_dict(lm.state_dict(), strict=False)
-    assert not unexpected and all("fusion" in k for k in missing)
+    assert not unexpected and all(".fusion.image." in k or ".media.image." in k for k in missing)
     assert isinstance(model.decoder.layers[1], FusionLayer)
     assert torch.equal(model.decoder.layers[1].layer.attention.wq.weight, lm.layers[1].attention.wq.weight)
 
@@ -143,8 +149,9 @@ def test_adapter_checkpoint_holds_only_trained_weights_and_round_trips(tmp_path:
     save_adapter(model, tmp_path / "run", base_lm=tmp_path / "base")
     with safe_open(str(tmp_path / "run" / "adapter.safetensors"), framework="pt") as f:
         keys = set(f.keys())
-    assert keys and all(k.startswith(("encoder.", "projector.")) or "fusion" in k for k in keys)
-    assert not any(k.startswith("decoder.layers.") and ".fusion." not in k for k in keys)
+    assert keys and all(k.startswith(("image.encoder.", "image.projector.", "decoder.tok_embeddings.media.image."))
+                        or ".fusion.image." in k for k in keys)
+    assert not any(k.startswith("decoder.layers.") and ".fusion.image." not in k for k in keys)
 
     again = load_multimodal(tmp_path / "run")
     tokens, images = torch.tensor([_prompt(1)]), make_images([[(2, 2)]])
@@ -154,7 +161,7 @@ def test_adapter_checkpoint_holds_only_trained_weights_and_round_trips(tmp_path:
 
 def _plain_copy(model: MultimodalLlama) -> LlamaDecoder:
     lm = LlamaDecoder(TEXT)
-    lm.load_state_dict({k: v for k, v in model.decoder.state_dict().items() if "fusion" not in k})
+    lm.load_state_dict({k: v for k, v in model.decoder.state_dict().items() if ".fusion." not in k and ".media." not in k})
     return lm
 
 
@@ -169,7 +176,7 @@ def test_timm_encoder_plugs_into_the_same_model_and_adapter_round_trip(tmp_path:
     vision = TimmEncoderConfig(model_name="vit_tiny_patch16_224", timm_kwargs=dict(embed_dim=32, depth=3, num_heads=4,
                                patch_size=16), tile_size=32, max_tiles=4, taps=(1, 2), n_gated_layers=1)
     torch.manual_seed(0)
-    model = MultimodalLlama(MultimodalConfig(text=TEXT, vision=vision, encoder="timm", fusion_layers=(1,))).eval()
+    model = MultimodalLlama.from_config(MultimodalConfig(text=TEXT, vision=vision, encoder="timm", fusion_layers=(1,))).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.rsplit(".", 1)[-1] in ("gate", "gate_attn", "gate_ffn", "gate_ffwd"):
@@ -180,7 +187,7 @@ def test_timm_encoder_plugs_into_the_same_model_and_adapter_round_trip(tmp_path:
     with torch.no_grad():
         logits = model(tokens, images=images)
         text_only = model.decoder(tokens)
-    assert model.encoder.out_dim == 32 * 3 and logits.shape == (1, 5, TEXT.vocab_size)
+    assert model.image.encoder.out_dim == 32 * 3 and logits.shape == (1, 5, TEXT.vocab_size)
     assert (logits - text_only).abs().max() > 1e-3
 
     save_hf(_plain_copy(model), tmp_path / "base")

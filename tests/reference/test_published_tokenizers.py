@@ -134,7 +134,7 @@ def test_library_generates_metas_greedy_token_ids(model_dir: Path, image_file: P
 
     model, tok = load_image_model(model_dir, dtype=torch.float32, device="cpu")
     images = collate_images([[ImageTransform(tile_size=TILE, max_tiles=MAX_TILES)(image_file)]], max_tiles=MAX_TILES)
-    prompt = image_prompt(tok, QUESTION, model.cfg.image_token_id)
+    prompt = image_prompt(tok, QUESTION, model.image.token_id)
     out = generate(model, [prompt], GenerationConfig(max_new_tokens=MAX_NEW, stop_ids=tok.stop_ids),
                    prefill_inputs={"images": images})
     assert out[0].tokens == metas_answer[0]

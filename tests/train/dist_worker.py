@@ -24,7 +24,7 @@ from tests.train.helpers import loss_fn, select, tiny_batch, tiny_model
 STEPS = 3
 # A large eps keeps Adam from turning float-noise gradients (a gate whose true gradient is ~0 gets
 # ±5e-6 from summation order) into lr-sized steps, so the trained parameters can be compared too.
-OPTIM = OptimConfig(lr={"encoder": 1e-3, "fusion": 3e-3}, weight_decay=0.01, eps=1e-3)
+OPTIM = OptimConfig(lr={"image.encoder": 1e-3, "image.fusion": 3e-3}, weight_decay=0.01, eps=1e-3)
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -24,12 +24,12 @@ def tiny_config() -> MultimodalConfig:
 def tiny_model(seed: int = 0, gates: float = 0.5) -> MultimodalLlama:
     """A tiny image model with encoder + fusion trainable, LM frozen; gates opened so gradients flow."""
     torch.manual_seed(seed)
-    model = MultimodalLlama(tiny_config())
+    model = MultimodalLlama.from_config(tiny_config())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "gate" in name:
                 p.fill_(gates)
-    model.set_trainable(encoder=True, fusion=True)
+    model.set_trainable(["image.encoder", "image.fusion"])
     return model
 
 

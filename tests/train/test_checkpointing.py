@@ -82,7 +82,7 @@ def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched) -> No
 
 def _setup(seed: int):
     model = tiny_model(seed=seed)
-    opt = build_optimizer(model, OptimConfig(lr={"encoder": 1e-3, "fusion": 3e-3}, weight_decay=0.1))
+    opt = build_optimizer(model, OptimConfig(lr={"image.encoder": 1e-3, "image.fusion": 3e-3}, weight_decay=0.1))
     sched = build_scheduler(opt, ScheduleConfig(warmup_steps=2, total_steps=6, min_lr_ratio=0.1))
     return model, opt, sched
 
@@ -121,7 +121,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None
 def test_load_trainable_state_rejects_other_trainable_sets() -> None:
     model = tiny_model()
     state = trainable_state_dict(model)
-    model.set_trainable(encoder=False, fusion=True)
+    model.set_trainable(["image.fusion"])
     with pytest.raises(CheckpointingError, match="unexpected"):
         load_trainable_state(model, state)
 

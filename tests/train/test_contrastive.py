@@ -46,8 +46,10 @@ def test_contrastive_loss_decreases_and_the_lm_stays_frozen(run, assets: Assets)
     base = load_llama(assets.base_lm).state_dict()
     assert all(torch.equal(v, base[k]) for k, v in result.model.lm.state_dict().items())
     groups = result.model.parameter_groups()
-    assert {n for n, p in result.model.named_parameters() if p.requires_grad} == set(groups["encoder"]) | set(groups["fusion"])
-    assert "logit_scale" in groups["fusion"]
+    assert list(groups) == ["image.encoder", "contrastive", "decoder"]
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert trainable == set(groups["image.encoder"]) | set(groups["contrastive"])
+    assert "logit_scale" in groups["contrastive"]
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"accuracy", "temperature"} <= set(records[-1])
 
@@ -67,7 +69,7 @@ def test_image_stage_starts_from_the_contrastive_run(run, assets: Assets, tmp_pa
                                                            optim__lr=1e-12))
     stage = run_training(cfg, tmp_path)
     trained = result.model.encoder.state_dict()
-    loaded = stage.model.encoder.backbone.state_dict()
+    loaded = stage.model.image.encoder.backbone.state_dict()
     assert all(torch.allclose(loaded[k], v, atol=1e-8) for k, v in trained.items())
 
 

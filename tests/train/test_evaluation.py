@@ -349,7 +349,7 @@ def test_evaluate_vqa(model_and_tokenizer, synth_dir: Path, monkeypatch: pytest.
     assert [len(p) for p, _ in spy.calls] == [3, 2]
     expected = list(EvalShardReader(synth_dir / "image-qa"))[:5]
     assert [r["key"] for r in result.records] == [s["key"] for s in expected]
-    media = MediaTokens(model.cfg.text.vocab_size)
+    media = MediaTokens(model.text_cfg.vocab_size)
     prompts = [p for batch, _ in spy.calls for p in batch]
     for record, sample, prompt in zip(result.records, expected, prompts):
         assert set(record) >= {"key", "question", "prediction", "references", "type", "score"}
@@ -392,10 +392,10 @@ def test_blank_images_replace_the_pixels_not_the_prompts(model_and_tokenizer, sy
     (real_prompts, real_pixels), (blank_prompts, blank_pixels) = spy.calls
     assert real_prompts == blank_prompts
     assert not torch.equal(real_pixels, blank_pixels)
-    transform = ImageTransform(tile_size=model.cfg.vision.tile_size, max_tiles=model.cfg.vision.max_tiles)
+    transform = ImageTransform(tile_size=model.image.vision_cfg.tile_size, max_tiles=model.image.vision_cfg.max_tiles)
     samples = list(EvalShardReader(synth_dir / "image-qa"))[:4]
     grey = [[transform(Image.new("RGB", s["image"].size, BLANK_GREY))] for s in samples]
-    assert torch.equal(blank_pixels, collate_images(grey, max_tiles=model.cfg.vision.max_tiles).pixels)
+    assert torch.equal(blank_pixels, collate_images(grey, max_tiles=model.image.vision_cfg.max_tiles).pixels)
     assert blank.settings["blank_images"] is True
     assert [r["key"] for r in blank.records] == [r["key"] for r in real.records]
 

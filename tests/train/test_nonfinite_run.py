@@ -33,7 +33,7 @@ def _run_poisoned(cfg, run_dir: Path, *, at_step: int, trainable: bool) -> str:
         if step != at_step:
             return
         name, param = next((n, p) for n, p in trainer.model.named_parameters()
-                           if p.requires_grad == trainable and n.startswith("encoder."))
+                           if p.requires_grad == trainable and n.startswith("image.encoder."))
         with torch.no_grad():
             param.view(-1)[0] = float("nan")
         poisoned.append(name)
@@ -54,7 +54,7 @@ def test_nan_weights_are_not_checkpointed_and_older_checkpoints_kept(assets: Ass
     with pytest.raises(NonFiniteWeightsError) as caught:  # poisoned after step 1's checkpoint: step 2's is refused
         _run_poisoned(cfg, tmp_path, at_step=1, trainable=True)
     message = str(caught.value)
-    assert "tensors of the trained weights at step 2 hold NaN or infinity: encoder." in message
+    assert "tensors of the trained weights at step 2 hold NaN or infinity: image.encoder." in message
     assert "the newest checkpoint, ckpt-000001, keeps the last finite weights" in message and "optim.lr" in message
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]  # keep_last=1 did not delete the good one
     assert not (tmp_path / "adapter.safetensors").exists()
@@ -64,12 +64,12 @@ def test_nan_in_exported_weights_is_an_error_naming_them(assets: Assets, tmp_pat
     from mm_llama.train.nonfinite import NonFiniteWeightsError
 
     # a frozen encoder is exported with the adapter but not checkpointed: only the export check sees it
-    cfg = load_recipe("tiny_vision_pretrain", mm_overrides(assets, steps=2, model__train_encoder=False))
+    cfg = load_recipe("tiny_vision_pretrain", mm_overrides(assets, steps=2, model__train=["image.fusion"]))
     with pytest.raises(NonFiniteWeightsError, match=r"1 of \d+ tensors of the weights to export to .*adapter\.safetensors"
-                                                    r" hold NaN or infinity: encoder\.") as caught:
+                                                    r" hold NaN or infinity: image\.encoder\.") as caught:
         _run_poisoned(cfg, tmp_path, at_step=2, trainable=False)
     assert not (tmp_path / "adapter.safetensors").exists()
-    assert caught.value.args[0].count("encoder.") == 1
+    assert caught.value.args[0].count("image.encoder.") == 1
 
 
 def test_a_run_ending_on_non_finite_losses_does_not_report_success(assets: Assets, tmp_path: Path,  # noqa: F811

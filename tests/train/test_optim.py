@@ -12,7 +12,7 @@ from mm_llama.train.optim import (
     OptimizerParamsError, build_optimizer, build_scheduler, check_optimizer_params, current_lrs, param_kinds,
     parameter_groups,
 )
-from mm_llama.train.recipe import OptimConfig, ScheduleConfig
+from mm_llama.train.recipe import OptimConfig, RecipeError, ScheduleConfig
 from tests.train.helpers import tiny_model
 
 
@@ -23,13 +23,14 @@ def _ids(params) -> set[int]:
 def test_optimizer_holds_exactly_the_trainable_parameters() -> None:
     model = tiny_model()
     groups = parameter_groups(model)
-    opt = build_optimizer(model, OptimConfig(lr={"encoder": 1e-4, "fusion": 1e-3}))
+    opt = build_optimizer(model, OptimConfig(lr={"image.encoder": 1e-4, "image.fusion": 1e-3}))
     held = [p for g in opt.param_groups for p in g["params"]]
     assert len(held) == len(_ids(held))
-    assert _ids(held) == _ids(groups["encoder"].values()) | _ids(groups["fusion"].values())
+    assert _ids(held) == _ids(groups["image.encoder"].values()) | _ids(groups["image.fusion"].values())
     assert _ids(held) == _ids(p for p in model.parameters() if p.requires_grad)
     assert not _ids(held) & _ids(groups["decoder"].values())
-    assert {g["name"] for g in opt.param_groups} == {"encoder.decay", "encoder.no_decay", "fusion.decay", "fusion.no_decay"}
+    assert {g["name"] for g in opt.param_groups} == {"image.encoder.decay", "image.encoder.no_decay",
+                                                     "image.fusion.decay", "image.fusion.no_decay"}
     assert isinstance(opt, torch.optim.AdamW)
 
 
@@ -48,45 +49,58 @@ def test_a_frozen_parameter_can_never_get_in() -> None:
         check_optimizer_params(hand_made, model)
 
     # the trainable set changed after the optimizer was built (e.g. a resume under other flags)
-    model.set_trainable(encoder=False, fusion=True)
-    with pytest.raises(OptimizerParamsError, match=r"frozen parameter\(s\) encoder\."):
+    model.set_trainable(["image.fusion"])
+    with pytest.raises(OptimizerParamsError, match=r"frozen parameter\(s\) image\.encoder\."):
         check_optimizer_params(opt, model)
-    model.set_trainable(encoder=True, fusion=True, decoder=True)
+    model.set_trainable(["image.encoder", "image.fusion", "decoder"])
     with pytest.raises(OptimizerParamsError, match="missing from the optimizer"):
         check_optimizer_params(opt, model)
 
-    model.set_trainable(encoder=False, fusion=False)
+    model.set_trainable([])
     with pytest.raises(OptimizerParamsError, match="no trainable parameters"):
         build_optimizer(model, OptimConfig())
 
 
 def test_per_group_learning_rates() -> None:
     model = tiny_model()
-    opt = build_optimizer(model, OptimConfig(lr={"encoder": 1e-4, "fusion": 1e-3}, lr_multipliers={"fusion": 2.0}))
-    assert current_lrs(opt) == pytest.approx({"encoder": 1e-4, "fusion": 2e-3})
-    opt = build_optimizer(model, OptimConfig(lr=1e-3, lr_multipliers={"encoder": 0.1}))
-    assert current_lrs(opt) == pytest.approx({"encoder": 1e-4, "fusion": 1e-3})
-    with pytest.raises(ValueError, match=r"add optim\.lr\.encoder"):
-        build_optimizer(model, OptimConfig(lr={"fusion": 1e-3}))
+    opt = build_optimizer(model, OptimConfig(lr={"image.encoder": 1e-4, "image.fusion": 1e-3},
+                                             lr_multipliers={"image.fusion": 2.0}))
+    assert current_lrs(opt) == pytest.approx({"image.encoder": 1e-4, "image.fusion": 2e-3})
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, lr_multipliers={"image.encoder": 0.1}))
+    assert current_lrs(opt) == pytest.approx({"image.encoder": 1e-4, "image.fusion": 1e-3})
+    with pytest.raises(ValueError, match=r"add optim\.lr\.image\.encoder"):
+        build_optimizer(model, OptimConfig(lr={"image.fusion": 1e-3}))
+
+
+def test_group_names_in_the_recipe_must_be_the_models() -> None:
+    model = tiny_model()
+    groups = r"its groups are \['image\.encoder', 'image\.fusion', 'decoder'\]"
+    with pytest.raises(RecipeError, match=r"optim\.lr\.fuson: not a parameter group of this model; " + groups):
+        build_optimizer(model, OptimConfig(lr={"image.encoder": 1e-4, "fuson": 1e-3}))
+    with pytest.raises(RecipeError, match=r"optim\.lr_multipliers\.encoder: not a parameter group"):
+        build_optimizer(model, OptimConfig(lr_multipliers={"encoder": 0.1}))
+    with pytest.raises(RecipeError, match=r"optim\.weight_decay_groups entry 'weights', optim\.weight_decay_groups "
+                                          r"entry 'fusion\.gate': not a parameter group"):
+        build_optimizer(model, OptimConfig(weight_decay_groups=["weights", "fusion.gate", "image.fusion.norm"]))
 
 
 def test_weight_decay_rules() -> None:
     model = tiny_model()
     names = {id(p): n for n, p in model.named_parameters()}
     kinds = {names[i]: k for i, k in param_kinds(model).items()}
-    assert kinds["encoder.transformer.layers.0.self_attn.q_proj.weight"] == "weight"
-    assert kinds["encoder.patch_embedding.weight"] == "weight"  # a convolution kernel
-    assert kinds["encoder.transformer.layers.0.mlp.fc1.bias"] == "bias"
-    assert kinds["encoder.layernorm_pre.weight"] == "norm"
-    assert kinds["encoder.layernorm_pre.bias"] == "norm"
-    assert kinds["encoder.global_transformer.layers.0.gate_attn"] == "gate"
-    assert kinds["encoder.gated_positional_embedding.gate"] == "gate"
-    assert kinds["encoder.class_embedding"] == "embedding"
-    assert kinds["encoder.gated_positional_embedding.embedding"] == "embedding"
-    assert kinds["decoder.tok_embeddings.fusion_embedding.weight"] == "embedding"
-    assert kinds["decoder.layers.1.fusion.gate_attn"] == "gate"
-    assert kinds["decoder.layers.1.fusion.attention.q_norm.weight"] == "norm"
-    assert kinds["projector.bias"] == "bias"
+    assert kinds["image.encoder.transformer.layers.0.self_attn.q_proj.weight"] == "weight"
+    assert kinds["image.encoder.patch_embedding.weight"] == "weight"  # a convolution kernel
+    assert kinds["image.encoder.transformer.layers.0.mlp.fc1.bias"] == "bias"
+    assert kinds["image.encoder.layernorm_pre.weight"] == "norm"
+    assert kinds["image.encoder.layernorm_pre.bias"] == "norm"
+    assert kinds["image.encoder.global_transformer.layers.0.gate_attn"] == "gate"
+    assert kinds["image.encoder.gated_positional_embedding.gate"] == "gate"
+    assert kinds["image.encoder.class_embedding"] == "embedding"
+    assert kinds["image.encoder.gated_positional_embedding.embedding"] == "embedding"
+    assert kinds["decoder.tok_embeddings.media.image.weight"] == "embedding"
+    assert kinds["decoder.layers.1.fusion.image.gate_attn"] == "gate"
+    assert kinds["decoder.layers.1.fusion.image.attention.q_norm.weight"] == "norm"
+    assert kinds["image.projector.bias"] == "bias"
 
     def decayed(opt: torch.optim.Optimizer) -> dict[str, float]:
         return {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
@@ -96,11 +110,11 @@ def test_weight_decay_rules() -> None:
         if name in wd:
             assert wd[name] == (0.01 if kind == "weight" else 0.0), name
 
-    wd = decayed(build_optimizer(model, OptimConfig(weight_decay=0.1, weight_decay_groups=["weight", "fusion.gate"])))
-    assert wd["decoder.layers.1.fusion.gate_attn"] == 0.1
-    assert wd["encoder.global_transformer.layers.0.gate_attn"] == 0.0
-    wd = decayed(build_optimizer(model, OptimConfig(weight_decay=0.1, weight_decay_groups=["encoder"])))
-    assert wd["encoder.layernorm_pre.weight"] == 0.1 and wd["projector.weight"] == 0.0
+    wd = decayed(build_optimizer(model, OptimConfig(weight_decay=0.1, weight_decay_groups=["weight", "image.fusion.gate"])))
+    assert wd["decoder.layers.1.fusion.image.gate_attn"] == 0.1
+    assert wd["image.encoder.global_transformer.layers.0.gate_attn"] == 0.0
+    wd = decayed(build_optimizer(model, OptimConfig(weight_decay=0.1, weight_decay_groups=["image.encoder"])))
+    assert wd["image.encoder.layernorm_pre.weight"] == 0.1 and wd["image.projector.weight"] == 0.0
 
 
 def test_a_plain_decoder_is_one_group() -> None:
@@ -117,7 +131,7 @@ def test_a_plain_decoder_is_one_group() -> None:
 
 def test_scheduler_warmup_then_cosine_keeps_group_lrs() -> None:
     model = tiny_model()
-    opt = build_optimizer(model, OptimConfig(lr={"encoder": 1e-4, "fusion": 1e-3}))
+    opt = build_optimizer(model, OptimConfig(lr={"image.encoder": 1e-4, "image.fusion": 1e-3}))
     sched = build_scheduler(opt, ScheduleConfig(warmup_steps=10, total_steps=110, min_lr_ratio=0.1))
     seen: dict[int, dict[str, float]] = {0: current_lrs(opt)}
     for step in range(1, 201):
@@ -135,14 +149,14 @@ def test_scheduler_warmup_then_cosine_keeps_group_lrs() -> None:
         200: 0.1,  # and after
     }
     for step, factor in expected.items():
-        assert seen[step] == pytest.approx({"encoder": 1e-4 * factor, "fusion": 1e-3 * factor}, rel=1e-12), step
+        assert seen[step] == pytest.approx({"image.encoder": 1e-4 * factor, "image.fusion": 1e-3 * factor}, rel=1e-12), step
 
 
 def test_constant_schedule_and_no_warmup() -> None:
     opt = build_optimizer(tiny_model(), OptimConfig(lr=2e-3))
     sched = build_scheduler(opt, ScheduleConfig(kind="constant", warmup_steps=0), total_steps=5)
     for _ in range(7):
-        assert current_lrs(opt) == pytest.approx({"encoder": 2e-3, "fusion": 2e-3})
+        assert current_lrs(opt) == pytest.approx({"image.encoder": 2e-3, "image.fusion": 2e-3})
         opt.step()
         sched.step()
     with pytest.raises(ValueError, match="positive total_steps"):

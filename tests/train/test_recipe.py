@@ -37,22 +37,36 @@ nonsense: 1
     for name in ("model.encoder_typ", "optim.betaz", "nonsense", "train.stepz"):
         assert name in msg
     assert "train.stepz (from an override)" in msg
-    assert "valid keys of model: kind, base_lm" in msg and "train_encoder" in msg
+    assert "valid keys of model: kind, base_lm" in msg and "fusion_gate_init" in msg
     assert "valid keys of train: steps" in msg
     assert "valid top-level keys: name" in msg
     assert "data.options" not in msg  # free-form section
-    # a dict of group learning rates only takes group names (checked after the structure is valid)
-    with pytest.raises(RecipeError, match=r"optim\.lr\.fuson is not a parameter group"):
-        load_recipe(_write(tmp_path / "g.yaml", "optim:\n  lr: {encoder: 1.0e-4, fuson: 1.0e-3}\n"))
+    # group names are the model's, checked when the optimizer is built (tests/train/test_optim.py)
+
+
+def test_the_old_trainable_flags_point_to_model_train(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"model\.train_encoder: .* \(replaced by model\.train, a list of the model's "
+                                          r"groups such as \[image\.encoder, image\.fusion\]\)"):
+        load_recipe(_write(tmp_path / "old.yaml", "model:\n  train_encoder: true\n"))
+    with pytest.raises(RecipeError, match=r"model\.train is empty: nothing would train"):
+        load_recipe(_write(tmp_path / "none.yaml", "model:\n  train: []\n"))
+
+
+def test_dotted_group_overrides_give_the_models_group_names(tmp_path: Path) -> None:
+    recipe = _write(tmp_path / "r.yaml", "optim:\n  lr_multipliers: {image.encoder: 0.1}\n")
+    cfg = load_recipe(recipe, ["optim.lr_multipliers.image.fusion=2", "optim.lr.image.encoder=1e-4",
+                               "optim.lr.image.fusion=1e-3"])
+    assert cfg.optim.lr_multipliers == {"image.encoder": 0.1, "image.fusion": 2}
+    assert cfg.optim.lr == {"image.encoder": 1e-4, "image.fusion": 1e-3}
 
 
 def test_type_errors_name_key_value_and_expected_type(tmp_path: Path) -> None:
-    recipe = _write(tmp_path / "r.yaml", "train:\n  steps: many\nmodel:\n  train_fusion: 1\n")
+    recipe = _write(tmp_path / "r.yaml", "train:\n  steps: many\ndata:\n  shuffle: 1\n")
     with pytest.raises(RecipeError) as err:
         load_recipe(recipe, ["optim.lr=fast", "schedule.kind=linear", "data.batch_size=2.5"])
     msg = str(err.value)
     assert "train.steps: expected an integer, got 'many' (str)" in msg
-    assert "model.train_fusion: expected true/false, got 1 (int)" in msg
+    assert "data.shuffle: expected true/false, got 1 (int)" in msg
     assert "optim.lr: expected a number or a mapping of names to a number, got 'fast'" in msg
     assert "schedule.kind: expected one of 'cosine', 'constant', got 'linear'" in msg
     assert "data.batch_size: expected an integer, got 2.5" in msg
@@ -63,8 +77,8 @@ def test_value_range_errors(tmp_path: Path) -> None:
         load_recipe(_write(tmp_path / "r.yaml", "data: {batch_size: 0}\n"))
     with pytest.raises(RecipeError, match=r"warmup_steps \(50\) exceeds the schedule's 10 steps"):
         load_recipe(_write(tmp_path / "s.yaml", "schedule: {warmup_steps: 50}\ntrain: {steps: 10}\n"))
-    with pytest.raises(RecipeError, match=r"weight_decay_groups entry 'weights'"):
-        load_recipe(_write(tmp_path / "w.yaml", "optim: {weight_decay_groups: [weights]}\n"))
+    with pytest.raises(RecipeError, match=r"weight_decay_groups entry '' is empty"):
+        load_recipe(_write(tmp_path / "w.yaml", "optim: {weight_decay_groups: ['']}\n"))
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ def test_recipes_ship_with_the_package() -> None:
 def test_vision_pretrain_has_the_papers_settings() -> None:
     cfg = load_recipe("vision_pretrain")
     m = cfg.model
-    assert (m.kind, m.train_encoder, m.train_fusion, m.train_decoder) == ("multimodal", True, True, False)
+    assert (m.kind, m.train) == ("multimodal", ["image.encoder", "image.fusion"])
     assert m.vision["tile_size"] == 336 and m.vision["max_tiles"] <= 4 and cfg.data.max_tiles <= 4
     assert m.vision["taps"] == [3, 7, 15, 23, 30] and m.vision["n_gated_layers"] == 8
     assert cfg.optim.lr == 1e-3 and cfg.schedule.kind == "cosine" and cfg.optim.weight_decay == 0.01
@@ -47,14 +47,14 @@ def test_anneal_and_sft_continue_from_the_previous_stage() -> None:
     assert anneal.model.vision["tile_size"] > pretrain.model.vision["tile_size"]
     assert anneal.optim.lr == 2e-5 and anneal.schedule.warmup_steps > 0 and anneal.schedule.kind == "cosine"
     assert anneal.model.init_from and sft.model.init_from
-    assert sft.model.train_decoder is False and sft.data.task == "vqa"
+    assert "decoder" not in sft.model.train and sft.data.task == "vqa"
     assert "Instruct" in (RECIPES_DIR / "vision_sft.yaml").read_text()
 
 
 @pytest.mark.parametrize("name", ["image_encoder_pretrain", "tiny_image_encoder_pretrain"])
 def test_encoder_pretraining_is_contrastive_against_the_frozen_lm(name: str) -> None:
     cfg = load_recipe(name)
-    assert cfg.data.task == "contrastive" and cfg.model.encoder == "timm" and not cfg.model.train_decoder
+    assert cfg.data.task == "contrastive" and cfg.model.encoder == "timm" and cfg.model.train == ["image.encoder", "contrastive"]
     assert cfg.model.contrastive["init_temperature"] == 0.07
 
 
@@ -64,6 +64,6 @@ def test_tiny_recipes_chain() -> None:
     backbone = ("model_name", "timm_kwargs", "tile_size")
     assert {k: encoder.model.vision[k] for k in backbone} == {k: vision.model.vision[k] for k in backbone}
     assert encoder.model.vision["max_tiles"] == vision.model.vision["max_tiles"] == vision.data.max_tiles
-    assert vision.model.encoder_checkpoint and not vision.model.train_decoder
+    assert vision.model.encoder_checkpoint and vision.model.train == ["image.encoder", "image.fusion"]
     for cfg in (lm, encoder, vision):
         assert cfg.train.steps <= 500 and cfg.data.shards

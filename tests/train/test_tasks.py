@@ -57,7 +57,7 @@ def test_image_text_task_runs_the_multimodal_model() -> None:
     assert result.units == int((labels[:, 1:] != -100).sum()) and result.samples == 2 and result.tokens == tokens.numel()
     result.loss_sum.backward()
     assert all(p.grad is None for p in model.parameter_groups()["decoder"].values())
-    assert any(p.grad is not None for p in model.parameter_groups()["fusion"].values())
+    assert any(p.grad is not None for p in model.parameter_groups()["image.fusion"].values())
 
 
 def test_autocast_only_on_cuda() -> None:

@@ -68,7 +68,7 @@ def test_adapter_training_keeps_the_lm_bit_identical(mm_run) -> None:
     assert not changed_frozen
     groups = result.model.parameter_groups()
     assert all(not p.requires_grad for p in groups["decoder"].values())
-    assert all(p.requires_grad for g in ("encoder", "fusion") for p in groups[g].values())
+    assert all(p.requires_grad for g in ("image.encoder", "image.fusion") for p in groups[g].values())
 
 
 def test_finished_adapter_run_loads_with_load_multimodal(mm_run) -> None:
@@ -80,8 +80,8 @@ def test_finished_adapter_run_loads_with_load_multimodal(mm_run) -> None:
     assert Path(recipe["model"]["base_lm"]).is_absolute()
     assert recipe["model"]["vision"]["max_tiles"] == 1
     adapter = load_file(str(run_dir / ADAPTER_FILE))
-    assert adapter and all(k.startswith(("encoder.", "projector.", "decoder.layers.1.fusion.", "decoder.tok_embeddings.fusion"))
-                           for k in adapter)
+    assert adapter and all(k.startswith(("image.encoder.", "image.projector.", "decoder.layers.1.fusion.image.",
+                                         "decoder.tok_embeddings.media.image.")) for k in adapter)
     loaded = load_multimodal(run_dir)
     batch = _first_batch(cfg, result)
     model = result.model.eval()
@@ -118,7 +118,7 @@ def test_metrics_and_checkpoints_of_an_adapter_run(mm_run) -> None:
     result, _, _ = mm_run
     records = read_metrics(result.run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert set(records[0]["lr"]) == {"encoder", "fusion"}
+    assert set(records[0]["lr"]) == {"image.encoder", "image.fusion"}
     assert [s for s, _ in list_checkpoints(result.run_dir)] == [2, 4]
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     state = json.loads((result.run_dir / "ckpt-000004" / "state.json").read_text())
@@ -147,7 +147,8 @@ def test_resume_of_a_finished_run_only_exports_again(mm_run) -> None:
     result, _, cfg = mm_run
     again = run_training(cfg, result.run_dir, resume=True)
     assert again.steps == 4 and again.history == []
-    assert torch.equal(load_file(str(result.run_dir / ADAPTER_FILE))["projector.weight"], result.model.projector.weight.detach())
+    assert torch.equal(load_file(str(result.run_dir / ADAPTER_FILE))["image.projector.weight"],
+                       result.model.image.projector.weight.detach())
 
 
 def test_sigterm_checkpoints_and_stops_then_resume_finishes(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
@@ -186,10 +187,10 @@ def test_next_stage_starts_from_the_previous_adapter_at_a_higher_resolution(mm_r
 
     old, new = adapter_state_dict(result.model), adapter_state_dict(anneal.model)
     assert old.keys() == new.keys()
-    assert new["encoder.backbone.pos_embed"].shape[1] == 1 + 9 and old["encoder.backbone.pos_embed"].shape[1] == 1 + 4
-    differ = [k for k in old if k != "encoder.backbone.pos_embed" and not torch.allclose(old[k], new[k], atol=1e-8)]
+    assert new["image.encoder.backbone.pos_embed"].shape[1] == 1 + 9 and old["image.encoder.backbone.pos_embed"].shape[1] == 1 + 4
+    differ = [k for k in old if k != "image.encoder.backbone.pos_embed" and not torch.allclose(old[k], new[k], atol=1e-8)]
     assert not differ  # lr 1e-12: what the stage started from is what it ends with
-    assert anneal.model.encoder.tile_size == 48
+    assert anneal.model.image.encoder.tile_size == 48
 
 
 def test_labels_in_image_batches_cover_only_the_response(mm_run) -> None:
@@ -207,7 +208,7 @@ def test_activation_checkpointing_gives_the_same_steps(assets: Assets, tmp_path:
     import functools
 
     assert isinstance(checkpointed.model.decoder.layers[0].forward, functools.partial)  # recomputed in backward
-    assert checkpointed.model.encoder.backbone.grad_checkpointing
+    assert checkpointed.model.image.encoder.backbone.grad_checkpointing
 
 
 @pytest.mark.gpu
@@ -237,7 +238,7 @@ def test_mllama_encoder_checkpoint_is_loaded(assets: Assets, tmp_path: Path) -> 
     cfg = load_recipe("tiny_vision_pretrain", mm_overrides(assets, model__encoder="mllama", model__vision=vision,
                                                            model__encoder_checkpoint=str(tmp_path / "vit.safetensors")))
     model = build(cfg).model
-    assert all(torch.equal(v, pretrained.state_dict()[k]) for k, v in model.encoder.state_dict().items())
+    assert all(torch.equal(v, pretrained.state_dict()[k]) for k, v in model.image.encoder.state_dict().items())
 
 
 def test_too_many_non_finite_steps_stop_the_run(assets: Assets, tmp_path: Path) -> None:  # noqa: F811

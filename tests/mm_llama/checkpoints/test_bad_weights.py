@@ -251,4 +251,5 @@ def test_non_finite_weights_are_named_multimodal(mllama_dir: Path, tmp_path: Pat
             for key in [k for k in t if k.endswith(poisoned)]:
                 _poison(t, key, float("nan"))
         edit_safetensors(file, change)
-    _raises_one_line(load_multimodal, path, r"2 tensor\(s\) hold NaN or Inf values: encoder\..*, projector\.weight")
+    _raises_one_line(load_multimodal, path,
+                     r"2 tensor\(s\) hold NaN or Inf values: image\.encoder\..*, image\.projector\.weight")

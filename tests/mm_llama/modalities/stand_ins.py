@@ -1,0 +1,45 @@
+"""Stand-in modalities for composition tests until video and speech land: a second cross-attention
+modality ("sketch": images through its own encoder, blocks and `<|video|>` id) and an early-fusion one
+("probe": a linear map of a feature vector per placeholder token, in place of speech)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mm_llama.config import LlamaConfig
+from mm_llama.media_tokens import MediaTokens
+from mm_llama.modalities import ImageModality, Modality, SpanEmbeddings
+
+
+class SketchModality(ImageModality):
+    """The image path under another name and media id: deep fusion with its own weights."""
+
+    name = "sketch"
+
+    def __init__(self, text: LlamaConfig, vision, *, fusion_layers: tuple[int, ...], encoder: str = "mllama") -> None:
+        super().__init__(text, vision, encoder=encoder, fusion_layers=fusion_layers)
+        self.token_id = MediaTokens(text.vocab_size).video
+
+
+class ProbeModality(Modality):
+    """Early fusion: `features [N, F]` (one row per `<speech>` placeholder) → embeddings `[N, D]`."""
+
+    name = "probe"
+    adapter_group = "adapter"
+
+    def __init__(self, text: LlamaConfig, n_features: int = 6) -> None:
+        super().__init__(text)
+        self.placeholder = MediaTokens(text.vocab_size).speech
+        self.adapter = nn.Linear(n_features, text.dim)
+
+    def token_ids(self) -> tuple[int, ...]:
+        return (self.placeholder,)
+
+    def groups(self) -> dict[str, nn.Module]:
+        return {"adapter": self.adapter}
+
+    def prepare(self, tokens: torch.Tensor, inputs: torch.Tensor | None, attention_mask) -> SpanEmbeddings | None:
+        if inputs is None:
+            return None
+        return SpanEmbeddings(positions=tokens == self.placeholder, embeds=self.adapter(inputs))
