@@ -73,6 +73,7 @@ from mm_llama.data.image_transform import ImageTransform, TiledImage
 from mm_llama.data.json_limits import JSONLimitError, loads_limited
 from mm_llama.data.loader_stats import LoaderStats, StatsRecorder, TooManySkippedError
 from mm_llama.data.prompts import EmptyLabelsError, Example, build_example, speech_token_count
+from mm_llama.data.records import RecordError
 from mm_llama.data.shard_source import (
     ShardSource,
     UnreadableShardsError,
@@ -83,6 +84,7 @@ from mm_llama.data.shard_source import (
     tar_samples,
     worker_info,
 )
+from mm_llama.data.tasks import get_task, task_names
 from mm_llama.encoders.audio_features import FRAMES_PER_SECOND, SAMPLE_RATE, log_mel
 from mm_llama.media_tokens import MediaTokens
 from mm_llama.tokenizer import Tokenizer
@@ -104,11 +106,11 @@ __all__ = [
     "video_text_loader",
 ]
 
-IMAGE_TASKS = ("caption", "vqa", "caption_vqa")
+IMAGE_TASKS = task_names("image_text")
 """``caption_vqa`` mixes both: a record whose KEY.json has a ``question`` is a VQA sample, any other a
 caption sample, so image-caption and image-qa shards listed together train one adapter on both."""
-VIDEO_TASKS = ("video_caption", "video_qa")
-AUDIO_TASKS = ("asr", "ast")
+VIDEO_TASKS = task_names("video_text")
+AUDIO_TASKS = task_names("audio_text")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
@@ -281,32 +283,14 @@ def _metadata(sample: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
     return text, meta
 
 
-def _text_field(meta: Mapping[str, Any], name: str, where: str = "KEY.json") -> str:
-    value = meta.get(name)
-    if value is None:
-        raise _Skip("missing_field", f"no {name!r} in {where} (it has {sorted(meta)})")
-    if not isinstance(value, str):
-        raise _Skip("bad_field", f"{name!r} in {where} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _caption(text: str | None, meta: Mapping[str, Any]) -> str:
-    if text is not None and text.strip():
-        return text
-    if meta.get("caption") is not None:
-        return _text_field(meta, "caption")
-    raise _Skip("missing_field", "no caption: expected a non-empty KEY.txt or a 'caption' string in KEY.json")
-
-
-def _question_answer(meta: Mapping[str, Any]) -> dict[str, str]:
-    question = _text_field(meta, "question")
-    if meta.get("answer") is None and isinstance(meta.get("answers"), list) and meta["answers"]:
-        answer = meta["answers"][0]
-        if not isinstance(answer, str):
-            raise _Skip("bad_field", f"'answers' in KEY.json must hold strings, got {type(answer).__name__}")
-    else:
-        answer = _text_field(meta, "answer")
-    return {"question": question, "answer": answer}
+def _read(task: str, text: str | None, meta: Mapping[str, Any], **options: Any) -> tuple[str, dict[str, Any]]:
+    """`(the task the record is, its fields)`: the registry's record reader (a mixture picks its part);
+    an unusable record is a `_Skip` with the reader's reason."""
+    spec = get_task(task)
+    try:
+        return spec.resolve(meta).name, dict(spec.read(text, meta, **options).fields)
+    except RecordError as e:
+        raise _Skip(e.reason, str(e)) from None
 
 
 class _Processor:
@@ -363,10 +347,7 @@ class _ImageProcessor(_Processor):
         ext, data = _member(sample, IMAGE_EXTENSIONS, "image")
         with _Timer(recorder, "decode", "bad_metadata"):
             text, meta = _metadata(sample)
-        task = self.task
-        if task == "caption_vqa":  # each record is what its KEY.json says
-            task = "vqa" if "question" in meta else "caption"
-        fields: dict[str, Any] = {"caption": _caption(text, meta)} if task == "caption" else _question_answer(meta)
+        task, fields = _read(self.task, text, meta)
         if self.prompt is not None and task == "caption":
             fields["prompt"] = self.prompt
         example = self.tokenize(recorder, fields, task)
@@ -392,11 +373,8 @@ class _VideoProcessor(_Processor):
         ext, data = _member(sample, VIDEO_EXTENSIONS, "video")
         with _Timer(recorder, "decode", "bad_metadata"):
             text, meta = _metadata(sample)
-        if self.task == "video_caption":
-            fields: dict[str, Any] = {"caption": _caption(text, meta)}
-        else:
-            fields = _question_answer(meta)
-        if self.prompt is not None:
+        _, fields = _read(self.task, text, meta)
+        if self.prompt is not None and self.task == "video_caption":
             fields["prompt"] = self.prompt
         example = self.tokenize(recorder, fields)
         with _Timer(recorder, "decode", "decode_video"):
@@ -418,23 +396,9 @@ class _AudioProcessor(_Processor):
         self.default_language = default_language
 
     def fields(self, meta: Mapping[str, Any]) -> dict[str, Any]:
-        if self.task == "asr":
-            text = _text_field(meta, "text")
-            language = meta.get("language", self.default_language)
-            if language is None:
-                raise _Skip("missing_field", "no 'language' in KEY.json and the loader has no default_language")
-            return {"text": text, "language": _text_field({"language": language}, "language")}
-        if meta.get("translation") is None:
-            raise _Skip("no_translation", "AST needs a 'translation' in KEY.json; this sample has none")
-        target = meta.get("target_language", self.target_language)
-        if target is None:
-            raise _Skip(
-                "missing_field", "no 'target_language' in KEY.json and the loader has no target_language"
-            )
-        return {
-            "translation": _text_field(meta, "translation"),
-            "target_language": _text_field({"target_language": target}, "target_language"),
-        }
+        options = ({"default_language": self.default_language} if self.task == "asr"
+                   else {"target_language": self.target_language})
+        return _read(self.task, None, meta, **options)[1]
 
     def make(self, sample: Mapping[str, Any], source: str, recorder: StatsRecorder) -> _Item:
         ext, data = _member(sample, AUDIO_EXTENSIONS, "audio")

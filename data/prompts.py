@@ -12,22 +12,10 @@ Layout (REFERENCE.md §1, §4; content is ``strip()``-ed as Meta does)::
     <|start_header_id|>assistant<|end_header_id|>\\n\\n                          ← end of prompt_ids
     {response}<|eot_id|>                                                       ← labelled
 
-Tasks and their ``fields`` (prompt fields are all :func:`prompt_ids` needs; the response field is
-needed by :func:`build_example` only):
-
-=================  ===========================================  ==========================  ============
-task               user turn (after the media ids)              system turn                 response
-=================  ===========================================  ==========================  ============
-``caption``        ``prompt`` (default DEFAULT_CAPTION_PROMPT)  —                           ``caption``
-``vqa``            ``question``                                 —                           ``answer``
-``video_caption``  ``prompt`` (default DEFAULT_VIDEO_PROMPT)    —                           ``caption``
-``video_qa``       ``question``                                 —                           ``answer``
-``asr``            (speech span only)                           Repeat after me in          ``text``
-                                                                {``language``}:
-``ast``            (speech span only)                           Translate the following     ``translation``
-                                                                sentence into
-                                                                {``target_language``}:
-=================  ===========================================  ==========================  ============
+Each task's prompt parts and response field come from the task registry (`mm_llama.data.tasks`): the
+user turn is the task's ``user_field`` (``prompt`` for captions, with a default instruction; ``question``
+for QA; nothing for speech), the system turn (asr / ast) names the language in ``system_field``, and the
+response is ``response_field`` (``caption``, ``answer``, ``text``, ``translation``).
 
 Media ids come from :class:`~mm_llama.media_tokens.MediaTokens` and are inserted as ids (the tokenizer
 need not know them): one ``<|image|>`` for the image tasks, one ``<|video|>`` for the video tasks, and
@@ -47,6 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mm_llama.data.tasks import DEFAULT_CAPTION_PROMPT, DEFAULT_VIDEO_PROMPT, get_task, task_names
+from mm_llama.data.tasks import TASKS as TASKS_BY_NAME
 from mm_llama.media_tokens import MediaTokens
 from mm_llama.tokenizer import Tokenizer
 
@@ -72,22 +62,10 @@ __all__ = [
 IGNORE_INDEX = -100
 """Label value that the cross-entropy loss ignores (prompt, media and padding positions)."""
 
-DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
-"""Instruction of the ``caption`` task (the same text as ``mm_llama.image_chat``'s default)."""
+TASKS = task_names(prompted=True, mixtures=False)
+"""The tasks whose samples are a chat prompt + labelled response."""
 
-DEFAULT_VIDEO_PROMPT = "Describe this video in one sentence."
-"""Instruction of the ``video_caption`` task."""
-
-TASKS = ("caption", "vqa", "video_caption", "video_qa", "asr", "ast")
-
-RESPONSE_FIELDS: dict[str, str] = {
-    "caption": "caption",
-    "vqa": "answer",
-    "video_caption": "caption",
-    "video_qa": "answer",
-    "asr": "text",
-    "ast": "translation",
-}
+RESPONSE_FIELDS: dict[str, str] = {name: str(TASKS_BY_NAME[name].response_field) for name in TASKS}
 """The field of ``fields`` that holds each task's response (the labelled text)."""
 
 # Speech adapter geometry (REFERENCE.md §4): 10 ms features → stack 4 (40 ms) → conv stride 2 (80 ms).
@@ -191,12 +169,12 @@ def language_name(language: str) -> str:
 
 def asr_system_prompt(language: str) -> str:
     """``Repeat after me in {language}:`` (REFERENCE.md §4)."""
-    return f"Repeat after me in {language_name(language)}:"
+    return str(get_task("asr").system_template).format(language_name(language))
 
 
 def ast_system_prompt(target_language: str) -> str:
     """``Translate the following sentence into {language}:`` — target language only (REFERENCE.md §4)."""
-    return f"Translate the following sentence into {language_name(target_language)}:"
+    return str(get_task("ast").system_template).format(language_name(target_language))
 
 
 def speech_token_count(n_frames: int) -> int:
@@ -293,24 +271,24 @@ def build_example(
 
 
 def _prompt_parts(media: MediaTokens, task: str, fields: Mapping[str, Any]) -> tuple[str | None, list[int], str]:
-    """``(system text or None, media ids, user text)`` of ``task``."""
+    """``(system text or None, media ids, user text)`` of ``task`` (its registry entry says which fields)."""
     if not isinstance(fields, Mapping):
         raise ValueError(f"task {task!r}: fields must be a mapping (dict), got {type(fields).__name__}")
-    if task == "caption":
-        return None, [media.image], _optional_text(fields, "prompt", task, DEFAULT_CAPTION_PROMPT)
-    if task == "vqa":
-        return None, [media.image], _required_text(fields, "question", task)
-    if task == "video_caption":
-        return None, [media.video], _optional_text(fields, "prompt", task, DEFAULT_VIDEO_PROMPT)
-    if task == "video_qa":
-        return None, [media.video], _required_text(fields, "question", task)
-    if task == "asr":
-        system = asr_system_prompt(_required_text(fields, "language", task))
-        return system, speech_span(media, _speech_tokens(fields, task)), ""
-    if task == "ast":
-        system = ast_system_prompt(_required_text(fields, "target_language", task))
-        return system, speech_span(media, _speech_tokens(fields, task)), ""
-    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    spec = get_task(task)
+    system = None
+    if spec.system_template is not None:
+        system = spec.system_template.format(language_name(_required_text(fields, str(spec.system_field), task)))
+    if spec.modality == "speech":
+        media_ids = speech_span(media, _speech_tokens(fields, task))
+    else:
+        media_ids = [media.image if spec.modality == "image" else media.video]
+    text = ""
+    if spec.user_field is not None:
+        text = (_optional_text(fields, spec.user_field, task, spec.user_default) if spec.user_default is not None
+                else _required_text(fields, spec.user_field, task))
+    return system, media_ids, text
 
 
 def _text_field(fields: Mapping[str, Any], name: str, task: str) -> str:

@@ -39,15 +39,16 @@ from mm_llama.checkpoints.multimodal_loading import (
 )
 from mm_llama.checkpoints.state_dict import CheckpointError
 from mm_llama.config import LlamaConfig, RopeScaling, preset
-from mm_llama.data.pipelines import IMAGE_TASKS  # the image tasks the loader reads are the ones a stage trains
+from mm_llama.data.tasks import task_names
 from mm_llama.fusion import fusion_schedule
 from mm_llama.model import LlamaDecoder
 from mm_llama.multimodal import DECODER_GROUP, MultimodalConfig, MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.train.recipe import RecipeConfig, RecipeError
 
-LM_TASKS = ("lm",)
-CONTRASTIVE_TASKS = ("contrastive",)
+LM_TASKS = task_names("text")
+CONTRASTIVE_TASKS = task_names("contrastive")
+IMAGE_TASKS = task_names("image_text")  # what an adapter stage trains on today
 MODEL_DIR = "model"  # where an lm_pretrain run exports its HF checkpoint
 ENCODER_FILE = "encoder.safetensors"  # what an image_encoder_pretrain run exports
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")

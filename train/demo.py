@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mm_llama.atomic_file import atomic_write
+from mm_llama.data.tasks import TASKS, task_names
 from mm_llama.train.report import LOSS_PLOT_GLOB, METRICS_JSON, REPORT_FILE, format_table, write_report
 
 __all__ = ["AdapterStage", "DemoError", "DemoResult", "DemoSettings", "DemoStopped", "run_demo"]
@@ -46,10 +47,8 @@ LM_RUN = "lm"
 ENCODER_RUN = "encoder"
 EVAL_DIR = "eval"
 STATE_FILE = "demo-state.json"
-TASK_LAYOUTS: dict[str, tuple[str, ...]] = {
-    "vqa": ("image-qa",), "caption": ("image-caption",), "caption_vqa": ("image-qa", "image-caption"),
-}
-"""The shapes layouts whose train shards an adapter stage of each ``data.task`` reads."""
+TASK_LAYOUTS: dict[str, tuple[str, ...]] = {name: TASKS[name].layouts for name in task_names("image_text")}
+"""The shapes layouts whose train shards an adapter stage of each ``data.task`` reads (the registry's)."""
 DEMO_KINDS: tuple[str, ...] = ("shapes", "text")
 """The synthetic kinds the demo writes (other kinds share some of their layout folders)."""
 RESERVED_NAMES = frozenset({DATA_DIR, TOKENIZER_DIR, LM_RUN, ENCODER_RUN, EVAL_DIR, "report"})

@@ -41,6 +41,8 @@ from tqdm import tqdm
 from mm_llama.atomic_file import atomic_write
 from mm_llama.data.image_transform import ImageTransform, TiledImage, collate_images
 from mm_llama.data.prompts import DEFAULT_CAPTION_PROMPT, prompt_ids
+from mm_llama.data.records import EmptyReferenceError, Record
+from mm_llama.data.tasks import TASKS, get_task
 from mm_llama.generation import GenerationConfig, generate
 from mm_llama.media_tokens import MediaTokens
 from mm_llama.train.eval_reader import EvalShardReader
@@ -70,7 +72,7 @@ __all__ = [
     "write_result",
 ]
 
-EVAL_TASKS = ("caption", "vqa")
+EVAL_TASKS = tuple(name for name, spec in TASKS.items() if spec.evaluated)
 """Tasks :func:`evaluate` knows."""
 
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"caption": 48, "vqa": 10}
@@ -461,65 +463,23 @@ class _Item:
     image_key: str | None = None  # vqa: KEY.json's `image_key`, the image-caption record of the same image
 
 
-class EmptyReferenceError(ValueError):
-    """A record whose reference answer / caption is empty or whitespace: training skips it (no labelled
-    token), so evaluation skips it too and counts it (``counts["empty_references"]``)."""
-
-
-def _caption_references(sample: Mapping[str, Any]) -> list[str]:
-    meta = sample["json"]
-    refs: list[str] = []
-    if isinstance(sample.get("txt"), str) and sample["txt"].strip():
-        refs.append(sample["txt"].strip())
-    elif isinstance(meta.get("caption"), str) and meta["caption"].strip():
-        refs.append(meta["caption"].strip())
-    extra = meta.get("captions")
-    if isinstance(extra, list):
-        refs += [c.strip() for c in extra if isinstance(c, str) and c.strip() and c.strip() not in refs]
-    if not refs:
-        if isinstance(sample.get("txt"), str) or isinstance(meta.get("caption"), str):
-            raise EmptyReferenceError("the reference caption is empty (training skips such records: no labelled token)")
-        raise ValueError("no caption: expected a non-empty KEY.txt, a 'caption' or a 'captions' list in KEY.json")
-    if not any(caption_tokens(r) for r in refs):
-        raise ValueError(f"the caption {refs[0]!r:.80} has no words")
-    return refs
-
-
-def _vqa_fields(sample: Mapping[str, Any]) -> tuple[str, list[str], str | None]:
-    meta = sample["json"]
-    question = meta.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"no 'question' string in KEY.json (it has {sorted(meta)})")
-    answers = meta.get("answers")
-    refs: list[str] = []
-    if isinstance(answers, list) and answers:
-        for a in answers:  # strings, or VQA v2's {"answer": ..., "answer_confidence": ...} records
-            text = a.get("answer") if isinstance(a, Mapping) else a
-            if not isinstance(text, str):
-                raise ValueError(f"'answers' in KEY.json must hold strings or {{'answer': str}} objects, got {a!r:.80}")
-            refs.append(text)
-    elif isinstance(meta.get("answer"), str):
-        refs.append(meta["answer"])
-    else:
-        raise ValueError(f"no 'answer' string (or 'answers' list) in KEY.json (it has {sorted(meta)})")
-    refs = [r for r in refs if r.strip()]  # an empty answer has no labelled token: training skips it
-    if not refs:
-        raise EmptyReferenceError("the reference answer is empty (training skips such records: no labelled token)")
-    qtype = meta.get("type", meta.get("question_type"))
-    return question, refs, qtype if isinstance(qtype, str) and qtype.strip() else None
+def _references(task: str, sample: Mapping[str, Any]) -> Record:
+    """The record as training reads it (`mm_llama.data.records`); a caption must also have words to score."""
+    record = get_task(task).read(sample.get("txt"), sample["json"])
+    if task == "caption" and not any(caption_tokens(r) for r in record.references):
+        raise ValueError(f"the caption {record.references[0]!r:.80} has no words")
+    return record
 
 
 def _make_item(sample: Mapping[str, Any], task: str, tokenizer: Tokenizer, media: MediaTokens, transform: ImageTransform,
                *, prompt: str | None, blank_images: bool, max_seq_len: int) -> _Item:
+    record = _references(task, sample)
+    references = list(record.references)
     if task == "caption":
-        references = _caption_references(sample)
         fields: dict[str, Any] = {"prompt": prompt} if prompt is not None else {}
-        qtype = image_key = None
     else:
-        question, references, qtype = _vqa_fields(sample)
-        fields = {"question": question}
-        image_key = sample["json"].get("image_key")
-        image_key = image_key if isinstance(image_key, str) and image_key else None
+        fields = {"question": record.fields["question"]}
+    qtype, image_key = record.qtype, record.extra.get("image_key")
     ids = prompt_ids(tokenizer, media, task, fields)
     if len(ids) >= max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens, leaving no room to answer within the model's "

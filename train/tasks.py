@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_llama.data.prompts import IGNORE_INDEX
+from mm_llama.data.tasks import TASKS
 
 
 @dataclass
@@ -146,16 +147,18 @@ class ContrastiveTask(Task):
 
 
 TASK_FAMILIES: dict[str, Callable[..., Task]] = {
-    "lm": LMTask, "caption": ImageTextTask, "vqa": ImageTextTask, "caption_vqa": ImageTextTask,
-    "contrastive": ContrastiveTask,
+    "text": LMTask, "image_text": ImageTextTask, "contrastive": ContrastiveTask,
 }
+"""The step function of each task family (`mm_llama.data.tasks`) that can train yet."""
 
 
 def task_for(name: str, device: torch.device, precision: str = "auto") -> Task:
-    """The step function of `data.task` (`lm`, `caption`, `vqa`, `caption_vqa`, `contrastive`)."""
-    if name not in TASK_FAMILIES:
-        raise ValueError(f"no training step for data.task={name!r}; known: {sorted(TASK_FAMILIES)}")
-    return TASK_FAMILIES[name](device, precision)
+    """The step function of `data.task` (its family's: `lm`; `caption`, `vqa`, `caption_vqa`; `contrastive`)."""
+    spec = TASKS.get(name)
+    if spec is None or spec.family not in TASK_FAMILIES:
+        trainable = [n for n, s in TASKS.items() if s.family in TASK_FAMILIES]
+        raise ValueError(f"no training step for data.task={name!r}; known: {sorted(trainable)}")
+    return TASK_FAMILIES[spec.family](device, precision)
 
 
 __all__ = [

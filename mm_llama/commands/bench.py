@@ -35,8 +35,9 @@ import torch
 
 from mm_llama.data.json_limits import loads_limited
 from mm_llama.data.loader_stats import STAGES, LoaderStats, TooManySkippedError
+from mm_llama.data.tasks import get_task, task_names
 
-TASKS = ("caption", "vqa", "video_caption", "video_qa", "asr", "ast")
+TASKS = task_names("image_text", "video_text", "audio_text", mixtures=False)
 _TEXT_FIELDS = ("caption", "question", "answer", "text", "translation")
 
 
@@ -208,9 +209,10 @@ def _loader(args: argparse.Namespace, urls: list[str], tokenizer: Any, workers: 
         max_skip_fraction=1.0, tile_size=args.tile_size, max_tiles=args.max_tiles,
     )
     options: dict[str, Any] = {}
-    if args.task in ("video_caption", "video_qa"):
+    family = get_task(args.task).family
+    if family == "video_text":
         options["num_frames"] = args.num_frames
-    if args.task in ("asr", "ast"):
+    if family == "audio_text":
         options["max_batch_seconds"] = args.max_batch_seconds
     return loader_for_task(args.task, config, tokenizer, **options)
 

@@ -157,7 +157,7 @@ def test_settings_are_validated_and_their_overrides_fit_the_recipes() -> None:
     problems = "\n".join(bad.problems())
     for text in ("train_images must be a positive integer, got 0", "vocab_size must be an integer >= 257",
                  "'train.steps=3' is not a dotted recipe key", "name is taken",
-                 "task must be one of ['vqa', 'caption', 'caption_vqa'], got 'captions'",
+                 "task must be one of ['caption', 'vqa', 'caption_vqa'], got 'captions'",
                  "init_from 'c' is not an earlier adapter stage", "square_images must be true or false, got 'yes'"):
         assert text in problems
     with pytest.raises(DemoError, match="invalid demo settings"):
