@@ -338,7 +338,7 @@ class _Demo:
         from mm_llama.tokenizer import Tokenizer
         from mm_llama.tokenizer_training import train_llama3_tokenizer
 
-        from mm_llama.train.text_data import read_documents
+        from mm_llama.data.packed_text import read_documents
 
         documents = list(read_corpus(corpus_path(self.data, "train")))
         # The chat shards with their special-token text cut out: answers then also occur right after a line

@@ -2,7 +2,7 @@
 
 | task family | batch | model call | loss |
 |---|---|---|---|
-| `lm` | `PackedBatch` (train.text_data) | `LlamaDecoder(input_ids, document_ids=…)` | shifted cross-entropy, summed over labelled tokens |
+| `lm` | `PackedBatch` (data.packed_text) | `LlamaDecoder(input_ids, document_ids=…)` | shifted cross-entropy, summed over labelled tokens |
 | `image_text` (`caption`, `vqa`) | `ImageTextBatch` | `MultimodalLlama(input_ids, images=…, attention_mask=…)` | shifted cross-entropy, summed over labelled tokens |
 | `contrastive` | `ImageTextBatch` (captions) | `ContrastiveModel(pixels, captions)` | symmetric InfoNCE × samples |
 

@@ -14,7 +14,7 @@ What a run does, in order:
    (`distributed.fsdp_frozen_lm`) and wraps what trains in DDP.
 4. AdamW over exactly the trainable parameters (checked) + warm-up / cosine schedule.
 5. Data: `loader_for_task` for image tasks (the contrastive stage reads the caption layout), packed text
-   (`train.text_data`) for `lm`; a stream that crosses epochs and knows its position
+   (`data.packed_text`) for `lm`; a stream that crosses epochs and knows its position
    `{epoch, batches_in_epoch}`.
 6. `resume`: from the newest checkpoint that reads completely (newer unreadable ones are named in a
    warning line and passed over), under the recipe that checkpoint was trained with (any other
@@ -206,7 +206,7 @@ def make_source(cfg: RecipeConfig, built: Built, shards: list[str], *, rank: int
     """The training (or evaluation: in order, every sample, the same on every rank) data of a recipe."""
     model = built.model
     if built.kind == "llama":
-        from mm_llama.train.text_data import PackedTextData
+        from mm_llama.data.packed_text import PackedTextData
 
         seq_len = cfg.data.max_seq_len or model.cfg.max_seq_len
         if seq_len > model.cfg.max_seq_len:

@@ -12,7 +12,8 @@ import torch
 from mm_llama.checkpoints.loading import load_llama
 from mm_llama.data.collate import TextBatch
 from mm_llama.encoders.timm_vit import TimmEncoderConfig, TimmTiledEncoder
-from mm_llama.train.contrastive import ContrastiveSettings, caption_tokens
+from mm_llama.encoders.contrastive import ContrastiveSettings
+from mm_llama.train.contrastive import caption_tokens
 from mm_llama.train.recipe import RecipeError, load_recipe
 from mm_llama.train.trainer import run_training
 from tests.train.test_trainer_setup import VISION, Assets, assets, mm_overrides  # noqa: F401
@@ -74,10 +75,13 @@ def test_image_stage_starts_from_the_contrastive_run(run, assets: Assets, tmp_pa
 
 
 def test_settings_are_validated(assets: Assets, tmp_path: Path) -> None:  # noqa: F811
-    with pytest.raises(RecipeError, match="model.contrastive.temperature"):
+    with pytest.raises(ValueError, match="model.contrastive.temperature"):
         ContrastiveSettings.from_dict({"temperature": 0.1})
-    with pytest.raises(RecipeError, match="pool"):
+    with pytest.raises(ValueError, match="pool"):
         ContrastiveSettings(pool="max")
+    bad = load_recipe("tiny_image_encoder_pretrain", _overrides(assets, steps=1) + ["model.contrastive.pool=max"])
+    with pytest.raises(RecipeError, match="model.contrastive.pool must be 'cls' or 'mean', got 'max'"):
+        run_training(bad, tmp_path / "bad")
     cfg = load_recipe("tiny_image_encoder_pretrain", _overrides(assets, steps=1, model__encoder="mllama",
                                                                 model__vision={}))
     with pytest.raises(RecipeError, match="model.encoder=timm"):

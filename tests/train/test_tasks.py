@@ -11,7 +11,7 @@ from mm_llama.model import LlamaDecoder
 from mm_llama.train.tasks import (
     ImageTextTask, LMTask, autocast, label_count, shifted_cross_entropy, task_for,
 )
-from mm_llama.train.text_data import pack_rows
+from mm_llama.data.packed_text import pack_rows
 from tests.train.helpers import tiny_batch, tiny_model
 
 

@@ -15,7 +15,7 @@ from mm_llama.data.synth.text import (
 )
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.tokenizer_training import train_llama3_tokenizer
-from mm_llama.train.text_data import read_documents
+from mm_llama.data.packed_text import read_documents
 from tests.data.synth.helpers import read_shards, tree_bytes
 
 N = 40

@@ -13,7 +13,7 @@ from mm_llama.config import preset
 from mm_llama.data.prompts import IGNORE_INDEX
 from mm_llama.model import LlamaDecoder
 from mm_llama.tokenizer import Tokenizer
-from mm_llama.train.text_data import PackedTextData, expand_text_sources, read_documents
+from mm_llama.data.packed_text import PackedTextData, expand_text_sources, read_documents
 from tests.train.test_trainer_setup import Assets, assets  # noqa: F401
 
 
@@ -124,3 +124,19 @@ def test_special_token_text_only_with_allow_special(tok: Tokenizer, tmp_path: Pa
     assert header not in torch.cat(plain.documents).tolist()
     ids = chat.documents[0].tolist()
     assert ids[:2] == [tok.bos_id, header] and ids[-2:] == [tok.eot_id, tok.eos_id]
+
+
+def test_a_damaged_text_shard_is_an_error_not_a_silently_shorter_corpus(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(3):
+            data = f"document {i}".encode()
+            info = tarfile.TarInfo(f"k{i}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    whole, cut = tmp_path / "whole.tar", tmp_path / "cut.tar"
+    whole.write_bytes(buf.getvalue())
+    cut.write_bytes(buf.getvalue()[:1100])  # inside the second member's header
+    assert list(read_documents(whole)) == ["document 0", "document 1", "document 2"]
+    with pytest.raises(ValueError, match=r"cannot read text shard .*cut\.tar: corrupt tar header at byte 1024"):
+        list(read_documents(cut))

@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from webdataset.tariterators import tarfile_samples
 
 from mm_llama.data.prompts import IGNORE_INDEX
+from mm_llama.data.tar_check import inspect_tar_file
 from mm_llama.data.shard_source import mix_seed
 from mm_llama.tokenizer import Tokenizer
 
@@ -93,19 +95,21 @@ def expand_text_sources(sources: str | os.PathLike[str] | Sequence[str | os.Path
 
 
 def read_documents(path: str | Path) -> Iterator[str]:
-    """Documents of one source: each `KEY.txt` of a `.tar` shard, or the blank-line separated blocks of a
-    text file. Empty documents are dropped."""
+    """Documents of one source: each `KEY.txt` of a `.tar` shard (read in order with webdataset's tar
+    reader, as the training loader reads shards), or the blank-line separated blocks of a text file.
+    Empty documents are dropped."""
     path = Path(path)
     if path.suffix == ".tar" or path.name.endswith((".tar.gz", ".tgz")):
+        damage = inspect_tar_file(str(path)).problem  # what the streaming reader would drop silently
+        if damage is not None:
+            raise ValueError(f"cannot read text shard {path}: {damage}")
         try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(".txt"):
-                        data = tar.extractfile(member)
-                        text = data.read().decode("utf-8").strip() if data is not None else ""
-                        if text:
-                            yield text
-        except (tarfile.TarError, UnicodeDecodeError) as err:
+            for sample in tarfile_samples([{"url": str(path)}]):
+                data = sample.get("txt")
+                text = bytes(data).decode("utf-8").strip() if data is not None else ""
+                if text:
+                    yield text
+        except (OSError, tarfile.TarError, UnicodeDecodeError, ValueError) as err:
             raise ValueError(f"cannot read text shard {path}: {err}") from err
         return
     block: list[str] = []
