@@ -13,9 +13,8 @@
 * `data.task: contrastive` — image-encoder pretraining (`mm_llama.train.contrastive`): a timm ViT
   against the frozen LM's caption features.
 
-The tokenizer comes from `data.tokenizer`, else from the base LM (or `init_from`) directory.
-`resolve_recipe` fills in what a run directory must record so that loading it needs no guessing
-(the fusion layer indices, an absolute base LM path).
+The tokenizer comes from `data.tokenizer`, else from the base LM (or `init_from`) directory. Which of
+these a recipe builds, and the rest of what a stage does, is the stage registry's (`train.stages`).
 """
 
 from __future__ import annotations
@@ -24,62 +23,27 @@ import dataclasses
 import math
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
 from mm_llama.checkpoints.files import iter_safetensors
-from mm_llama.checkpoints.loading import llama_config_from_dir, load_llama
+from mm_llama.checkpoints.loading import load_llama
 from mm_llama.checkpoints.multimodal_loading import (
     ADAPTER_FILE, adapter_state_dict, upgrade_adapter_keys, vision_config_from_dict,
 )
 from mm_llama.checkpoints.state_dict import CheckpointError
 from mm_llama.config import LlamaConfig, RopeScaling, preset
-from mm_llama.data.tasks import task_names
-from mm_llama.fusion import fusion_schedule
 from mm_llama.model import LlamaDecoder
 from mm_llama.multimodal import DECODER_GROUP, MultimodalConfig, MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.train.recipe import RecipeConfig, RecipeError
 
-LM_TASKS = task_names("text")
-CONTRASTIVE_TASKS = task_names("contrastive")
-IMAGE_TASKS = task_names("image_text")  # what an adapter stage trains on today
 MODEL_DIR = "model"  # where an lm_pretrain run exports its HF checkpoint
 ENCODER_FILE = "encoder.safetensors"  # what an image_encoder_pretrain run exports
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-
-
-@dataclass
-class Built:
-    """What `build` returns: the model (on CPU, fp32, trainable set declared), its tokenizer, and
-    where the tokenizer files live (copied into exported LMs)."""
-
-    model: nn.Module
-    tokenizer: Tokenizer
-    tokenizer_dir: Path | None
-    kind: str  # "llama" | "multimodal" | "contrastive"
-
-
-def stage_kind(cfg: RecipeConfig) -> str:
-    """`llama`, `multimodal` or `contrastive`, checking that `model.kind` and `data.task` agree."""
-    task, kind = cfg.data.task, cfg.model.kind
-    if task in LM_TASKS:
-        if kind != "llama":
-            raise RecipeError(f"data.task={task!r} trains a plain LM: set model.kind=llama (got {kind!r})")
-        return "llama"
-    if kind == "llama":
-        raise RecipeError(f"model.kind=llama trains on text only: set data.task=lm (got {task!r})")
-    if task in CONTRASTIVE_TASKS:
-        return "contrastive"
-    if task in IMAGE_TASKS:
-        return "multimodal"
-    raise RecipeError(f"data.task={task!r} has no trainer step yet; use one of "
-                      f"{list(LM_TASKS + CONTRASTIVE_TASKS + IMAGE_TASKS)}")
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -127,27 +91,6 @@ def load_recipe_tokenizer(cfg: RecipeConfig) -> tuple[Tokenizer, Path | None]:
     path = tokenizer_dir_for(cfg)
     tok = Tokenizer.from_path(path)
     return tok, (path if path.is_dir() else path.parent)
-
-
-# ------------------------------------------------------------------------------------------ recipe
-def resolve_recipe(cfg: RecipeConfig) -> RecipeConfig:
-    """A copy of `cfg` with what loading the run later must not guess: absolute `model.base_lm` (an
-    `lm_pretrain` run directory becomes its `model/` folder), the encoder's `max_tiles` in `model.vision`,
-    and for image stages the fusion layer indices the model uses (MultimodalConfig's every-4th default)."""
-    model = cfg.model
-    changes: dict[str, Any] = {}
-    if model.base_lm:
-        changes["base_lm"] = str(lm_checkpoint_dir(model.base_lm).resolve())
-    if stage_kind(cfg) != "llama":
-        changes["vision"] = vision_fields(cfg)
-    if stage_kind(cfg) == "multimodal" and model.base_lm:
-        n_layers = llama_config_from_dir(lm_checkpoint_dir(model.base_lm)).n_layers
-        changes["fusion_layers"] = list(model.fusion_layers) or fusion_schedule(n_layers, max(1, n_layers // 4))
-        bad = [i for i in changes["fusion_layers"] if i >= n_layers]
-        if bad:
-            raise RecipeError(f"model.fusion_layers {bad} do not exist in the {n_layers}-layer base LM "
-                              f"{model.base_lm}; use indices 0..{n_layers - 1}")
-    return dataclasses.replace(cfg, model=dataclasses.replace(model, **changes))
 
 
 # ------------------------------------------------------------------------------------------ llama
@@ -379,25 +322,8 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
     return model
 
 
-# ------------------------------------------------------------------------------------------ entry point
-def build(cfg: RecipeConfig) -> Built:
-    """The recipe's model (CPU, fp32, trainable set declared) and tokenizer."""
-    kind = stage_kind(cfg)
-    tokenizer, tok_dir = load_recipe_tokenizer(cfg)
-    if kind == "llama":
-        model: nn.Module = build_llama(cfg, tokenizer)
-    elif kind == "multimodal":
-        model = build_multimodal(cfg, tokenizer)
-    else:
-        from mm_llama.train.contrastive import build_contrastive
-
-        model = build_contrastive(cfg, tokenizer)
-    return Built(model=model, tokenizer=tokenizer, tokenizer_dir=tok_dir, kind=kind)
-
-
 __all__ = [
-    "Built", "ENCODER_FILE", "MODEL_DIR", "adapter_weights_of", "build", "build_llama", "build_multimodal",
+    "ENCODER_FILE", "MODEL_DIR", "TOKENIZER_FILES", "adapter_weights_of", "build_llama", "build_multimodal",
     "check_data_geometry", "encoder_weights_file", "init_fusion_gates", "lm_checkpoint_dir", "load_adapter_weights",
-    "load_encoder_checkpoint", "load_recipe_tokenizer", "resolve_recipe", "stage_kind", "text_config",
-    "tokenizer_dir_for", "vision_fields",
+    "load_encoder_checkpoint", "load_recipe_tokenizer", "text_config", "tokenizer_dir_for", "vision_fields",
 ]

@@ -8,7 +8,7 @@ What a run does, in order:
    (`DistributedContext.from_env`; device `train.device`, `auto` = CUDA when available).
 2. Resolves the recipe (absolute base LM path, fusion layer indices) and writes it to
    `RUN/config.yaml` — that file plus the exported weights is what loading a run needs.
-3. Builds the model (`train.build`), moves it to the device, optionally enables activation
+3. Builds the model (the recipe's stage, `train.stages`), moves it to the device, optionally enables activation
    checkpointing (`train.activation_checkpointing`: every decoder layer, the timm backbone's blocks)
    and `torch.compile` per block (`train.compile`), FSDP2-shards the frozen LM
    (`distributed.fsdp_frozen_lm`) and wraps what trains in DDP.
@@ -34,7 +34,7 @@ What a run does, in order:
    (a signal that arrives while the data loader is busy is acted on once it returns a batch; an error
    it raises ends the run). Weights holding NaN / inf are never checkpointed or exported (an error
    names them), and a run whose last step had a non-finite loss ends with an error, not an export.
-8. Exports: `kind: llama` → `RUN/model/` (HF layout + tokenizer files); image stages →
+8. Exports (each stage's product): `lm` → `RUN/model/` (HF layout + tokenizer files); `adapter` →
    `RUN/adapter.safetensors` (+ tokenizer files), so `load_multimodal(RUN)` works; the contrastive
    stage → `RUN/encoder.safetensors` (a timm backbone state dict).
 """
@@ -42,28 +42,24 @@ What a run does, in order:
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import random
-import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from mm_llama.atomic_file import atomic_write
-from mm_llama.train.build import ENCODER_FILE, MODEL_DIR, TOKENIZER_FILES, Built, build, resolve_recipe, stage_kind
 from mm_llama.train.checkpointing import (
     Checkpoint, CheckpointingError, capture_rng, checkpoint_name, latest_checkpoint, load_resumable_checkpoint,
     restore_rng, restore_training_state, save_checkpoint, trainable_state_dict,
 )
+from mm_llama.train.model_options import compile_blocks, enable_activation_checkpointing
 from mm_llama.train.distributed import DistributedContext, all_reduce_mean, any_true, barrier, shard_frozen_lm, wrap_trainable
 from mm_llama.train.metrics import MetricsLogger, ProgressBar, Throughput
 from mm_llama.train.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite_weights, guarded_step
@@ -72,6 +68,8 @@ from mm_llama.train.recipe import RecipeConfig, RecipeError, recipe_to_dict, sav
 from mm_llama.train.resume_check import recipe_changes_on_resume
 from mm_llama.train.run_dir import prepare_run_dir
 from mm_llama.train.signals import StopOnSignal
+from mm_llama.train.sources import EpochSource
+from mm_llama.train.stages import STAGES, Built, build, resolve_recipe, stage_for
 from mm_llama.train.tasks import Task, task_for
 
 StepCallback = Callable[[int, dict[str, Any]], None]
@@ -104,48 +102,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------ data
-class EpochSource(Protocol):
-    """Something that yields an epoch's batches from any starting batch."""
-
-    def iter_epoch(self, epoch: int, skip: int) -> Iterator[Any]: ...
-
-    @property
-    def skipped_samples(self) -> int: ...
-
-
-class LoaderSource:
-    """A `mm_llama.data.pipelines.Loader` as an `EpochSource` (skipping = reading and dropping batches)."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-
-    def iter_epoch(self, epoch: int, skip: int) -> Iterator[Any]:
-        self.loader.set_epoch(epoch)
-        it = iter(self.loader)
-        for _ in range(skip):
-            if next(it, None) is None:
-                break
-        return it
-
-    @property
-    def skipped_samples(self) -> int:
-        return int(self.loader.stats.skipped_total)
-
-
-class PackedSource:
-    """`PackedTextData` as an `EpochSource` (skipping is free)."""
-
-    def __init__(self, data: Any) -> None:
-        self.data = data
-
-    def iter_epoch(self, epoch: int, skip: int) -> Iterator[Any]:
-        return self.data.iter_epoch(epoch, min(skip, self.data.batches_per_epoch))
-
-    @property
-    def skipped_samples(self) -> int:
-        return 0
-
-
 class DataStream:
     """Batches across epochs with a resumable position: the next batch drawn is batch
     `batches_in_epoch` of epoch `epoch`."""
@@ -185,103 +141,10 @@ class DataStream:
         raise TrainingError(f"epoch {self.epoch} of the training data yields no batch")
 
 
-def _loader_config(cfg: RecipeConfig, shards: list[str], *, tile_size: int, max_tiles: int, max_seq_len: int,
-                   rank: int, world_size: int, evaluation: bool) -> Any:
-    from mm_llama.data.pipelines import LoaderConfig
-
-    d = cfg.data
-    return LoaderConfig(
-        shards=shards, batch_size=d.batch_size, num_workers=d.num_workers,
-        resampled=d.resampled and not evaluation, seed=d.seed,
-        samples_per_epoch=None if evaluation else d.samples_per_epoch,
-        shuffle=d.shuffle and not evaluation, shuffle_buffer=d.shuffle_buffer, rank=rank, world_size=world_size,
-        max_skip_fraction=d.max_skip_fraction, min_samples_before_check=d.min_samples_before_check,
-        tile_size=tile_size, max_tiles=max_tiles, max_seq_len=max_seq_len, drop_last=d.drop_last and not evaluation,
-        prefetch_factor=d.prefetch_factor, check_tars=d.check_tars,
-    )
-
-
 def make_source(cfg: RecipeConfig, built: Built, shards: list[str], *, rank: int, world_size: int,
                 evaluation: bool = False) -> EpochSource:
     """The training (or evaluation: in order, every sample, the same on every rank) data of a recipe."""
-    model = built.model
-    if built.kind == "llama":
-        from mm_llama.data.packed_text import PackedTextData
-
-        seq_len = cfg.data.max_seq_len or model.cfg.max_seq_len
-        if seq_len > model.cfg.max_seq_len:
-            raise RecipeError(f"data.max_seq_len={seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-        unknown = sorted(set(cfg.data.options) - {"allow_special"})
-        if unknown:
-            raise RecipeError(f"data.options {unknown} mean nothing to data.task=lm; it takes allow_special (true: "
-                              "special-token text in documents, e.g. the chat template, becomes special tokens)")
-        return PackedSource(PackedTextData(shards, built.tokenizer, seq_len=seq_len, batch_size=cfg.data.batch_size,
-                                           seed=cfg.data.seed, shuffle=cfg.data.shuffle and not evaluation,
-                                           rank=rank, world_size=world_size,
-                                           allow_special=bool(cfg.data.options.get("allow_special", False))))
-    from mm_llama.data.pipelines import loader_for_task
-    from mm_llama.media_tokens import MediaTokens
-
-    if built.kind == "contrastive":
-        task, lm_cfg, tile, tiles = "caption", model.lm.cfg, model.tile_size, model.max_tiles
-    else:
-        encoder = model.image.encoder
-        task, lm_cfg, tile, tiles = cfg.data.task, model.text_cfg, encoder.tile_size, encoder.max_tiles
-    max_seq_len = cfg.data.max_seq_len or lm_cfg.max_seq_len
-    options = dict(cfg.data.options)
-    if cfg.data.prompt is not None:
-        options["prompt"] = cfg.data.prompt
-    loader_cfg = _loader_config(cfg, shards, tile_size=tile, max_tiles=tiles, max_seq_len=max_seq_len,
-                                rank=rank, world_size=world_size, evaluation=evaluation)
-    with warnings.catch_warnings():
-        if evaluation:
-            warnings.simplefilter("ignore")  # one process reads every eval shard: the few-shards warning is moot
-        loader = loader_for_task(task, loader_cfg, built.tokenizer, media=MediaTokens(lm_cfg.vocab_size), **options)
-    return LoaderSource(loader)
-
-
-# ------------------------------------------------------------------------------------------ model options
-def _checkpointed(forward: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-    from torch.utils.checkpoint import checkpoint
-
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each Llama decoder layer in the backward pass (the instance's `forward` is wrapped, so
-    state-dict names do not change) and turn on a timm backbone's own block checkpointing. Returns the
-    number of decoder layers wrapped."""
-    from mm_llama.layers import DecoderLayer
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, DecoderLayer):
-            module.forward = functools.partial(_checkpointed, module.forward)  # type: ignore[method-assign]
-            n += 1
-        elif hasattr(module, "set_grad_checkpointing") and hasattr(module, "blocks"):
-            module.set_grad_checkpointing(True)
-    return n
-
-
-def compile_blocks(model: nn.Module) -> int:
-    """`torch.compile` each decoder layer and timm block in place (`nn.Module.compile`: names unchanged)."""
-    from timm.models.vision_transformer import Block
-
-    from mm_llama.layers import DecoderLayer
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, (DecoderLayer, Block)):
-            module.compile()
-            n += 1
-    return n
-
-
-def frozen_lm_of(model: nn.Module, kind: str) -> nn.Module:
-    if kind == "llama":
-        raise RecipeError("distributed.fsdp_frozen_lm shards a frozen LM, but model.kind=llama trains the LM; "
-                          "set distributed.fsdp_frozen_lm=false")
-    return model.lm if kind == "contrastive" else model.decoder
+    return STAGES[built.kind].source(cfg, built, shards, rank=rank, world_size=world_size, evaluation=evaluation)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -313,14 +176,6 @@ def _own_rng(rng: dict[str, Any], rank: int) -> dict[str, Any]:
     if "torch" in rng:
         return rng
     return rng.get(f"rank{rank}", rng.get("rank0", {}))
-
-
-def copy_tokenizer(source: Path | None, target: Path) -> None:
-    if source is None:
-        return
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file() and source.resolve() != target.resolve():
-            shutil.copy(source / name, target / name)
 
 
 class _Window:
@@ -359,7 +214,7 @@ class Trainer:
         self.resume = resume
         self.on_step_end = on_step_end
         self.device = ctx.device
-        self.kind = stage_kind(cfg)
+        self.stage = stage_for(cfg)
 
     # ---------------------------------------------------------------- set-up
     def _print(self, message: str) -> None:
@@ -428,7 +283,10 @@ class Trainer:
         if cfg.train.compile:
             compile_blocks(model)
         if cfg.distributed.fsdp_frozen_lm and self.ctx.is_distributed:
-            shard_frozen_lm(frozen_lm_of(model, self.kind), self.ctx)
+            if self.stage.frozen_lm is None:
+                raise RecipeError(f"distributed.fsdp_frozen_lm shards a frozen LM, but the {self.stage.name} stage "
+                                  "trains its LM; set distributed.fsdp_frozen_lm=false")
+            shard_frozen_lm(self.stage.frozen_lm(model), self.ctx)
         self.wrapped = wrap_trainable(model, self.ctx, find_unused_parameters=cfg.distributed.find_unused_parameters)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.total_steps)
@@ -551,41 +409,13 @@ class Trainer:
         barrier()
         return path
 
-    def _export_state(self) -> dict[str, torch.Tensor]:
-        """The tensors `export` writes."""
-        model = unwrap(self.model)
-        if self.kind == "llama":
-            return model.state_dict()
-        if self.kind == "multimodal":
-            from mm_llama.checkpoints.multimodal_loading import adapter_state_dict, export_groups
-
-            return adapter_state_dict(model, export_groups(model))
-        return model.encoder.state_dict()
-
     def export(self) -> Path | None:
         """Write the stage's product (see the module docstring); main rank only. Tensors that are not
         finite are an error naming them (checked on every rank), and nothing is written."""
-        from mm_llama.checkpoints.multimodal_loading import ADAPTER_FILE
-
-        export: Path | None = None
-        target = {"llama": MODEL_DIR, "contrastive": ENCODER_FILE}.get(self.kind, ADAPTER_FILE)
-        check_finite_weights(self._export_state(), f"the weights to export to {self.run_dir / target}",
+        model = unwrap(self.model)
+        check_finite_weights(self.stage.export_state(model), f"the weights to export to {self.run_dir / self.stage.product}",
                              self._nan_advice())
-        if self.ctx.is_main:
-            model = unwrap(self.model)
-            if self.kind == "llama":
-                from mm_llama.checkpoints.hf import save_hf
-
-                export = save_hf(model, self.run_dir / MODEL_DIR)
-                copy_tokenizer(self.built.tokenizer_dir, export)
-            elif self.kind == "multimodal":
-                metadata = {"format": "pt", "step": str(self.step)}
-                export = atomic_write(self.run_dir / ADAPTER_FILE, safetensors_bytes(self._export_state(), metadata=metadata))
-                copy_tokenizer(self.built.tokenizer_dir, self.run_dir)
-            else:
-                from mm_llama.train.contrastive import save_encoder
-
-                export = save_encoder(model, self.run_dir / ENCODER_FILE)
+        export = self.stage.export(model, self.run_dir, self.built, self.step) if self.ctx.is_main else None
         barrier()
         return export
 
@@ -610,7 +440,7 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard, resume_step=self.step,
                                enabled=ctx.is_main)
         bar = ProgressBar(total, initial=min(self.step, total), enabled=ctx.is_main and cfg.logging.progress,
-                          desc=cfg.name or self.kind)
+                          desc=cfg.name or self.stage.name)
         throughput = Throughput()
         window = _Window()
         rates: dict[str, float] = {}

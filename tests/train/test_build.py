@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
-from mm_llama.train.build import build
+from mm_llama.train.stages import build
 from mm_llama.train.recipe import RecipeError, load_recipe
 from mm_llama.train.trainer import run_training
 from tests.train.test_trainer_setup import Assets, assets, mm_overrides  # noqa: F401

@@ -10,20 +10,19 @@ from pathlib import Path
 import pytest
 
 from mm_llama.train.eval_reader import CorruptSampleWarning
-from mm_llama.train.evaluation import _caption_references, _vqa_fields, evaluate, format_metrics
+from mm_llama.data.records import EmptyReferenceError, read_caption, read_question_answer
+from mm_llama.train.evaluation import evaluate, format_metrics
 from tests.train.test_evaluation import _one_thread, _read_tar, _write_tar, model_and_tokenizer, synth_dir  # noqa: F401
 
 
 def test_empty_references_are_an_empty_reference_error() -> None:
-    from mm_llama.train.evaluation import EmptyReferenceError
-
     for meta in ({"question": "what?", "answer": ""}, {"question": "what?", "answer": "  \t"},
                  {"question": "what?", "answers": ["", " "]}, {"question": "what?", "answers": [{"answer": ""}]}):
         with pytest.raises(EmptyReferenceError, match="reference answer is empty"):
-            _vqa_fields({"json": meta})
-    assert _vqa_fields({"json": {"question": "q", "answers": ["", "red"]}})[1] == ["red"]
+            read_question_answer(None, meta)
+    assert read_question_answer(None, {"question": "q", "answers": ["", "red"]}).references == ("red",)
     with pytest.raises(EmptyReferenceError, match="reference caption is empty"):
-        _caption_references({"json": {}, "txt": "   "})
+        read_caption("   ", {})
 
 
 def test_evaluate_skips_and_counts_empty_answers(model_and_tokenizer, synth_dir: Path,  # noqa: F811

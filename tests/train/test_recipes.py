@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mm_llama.train.build import stage_kind
+from mm_llama.train.stages import stage_kind
 from mm_llama.train.recipe import RECIPES_DIR, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]

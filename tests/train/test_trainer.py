@@ -27,10 +27,11 @@ from tests.train.test_trainer_setup import VISION, Assets, assets, lm_overrides,
 
 
 def _first_batch(cfg, result):
-    from mm_llama.train.build import Built, load_recipe_tokenizer
+    from mm_llama.train.build import load_recipe_tokenizer
+    from mm_llama.train.stages import Built
 
     tok, tok_dir = load_recipe_tokenizer(cfg)
-    built = Built(result.model, tok, tok_dir, "multimodal")
+    built = Built(result.model, tok, tok_dir, "adapter")
     return next(make_source(cfg, built, list(cfg.data.shards), rank=0, world_size=1, evaluation=True).iter_epoch(0, 0))
 
 
@@ -228,7 +229,7 @@ def test_mllama_encoder_checkpoint_is_loaded(assets: Assets, tmp_path: Path) -> 
     from safetensors.torch import save_file
 
     from mm_llama.encoders.mllama_vision import MllamaVisionEncoder, VisionConfig
-    from mm_llama.train.build import build
+    from mm_llama.train.stages import build
 
     vision = {"tile_size": 28, "patch_size": 14, "width": 32, "heads": 4, "mlp_dim": 64, "n_local_layers": 2,
               "n_global_layers": 1, "max_tiles": 1, "taps": [1]}
