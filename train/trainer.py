@@ -516,6 +516,5 @@ def run_training(cfg: RecipeConfig, run_dir: str | Path, *, resume: bool = False
 
 
 __all__ = [
-    "DataStream", "LoaderSource", "PackedSource", "TrainResult", "Trainer", "TrainingError", "compile_blocks",
-    "enable_activation_checkpointing", "make_source", "run_training", "seed_everything",
+    "DataStream", "TrainResult", "Trainer", "TrainingError", "make_source", "run_training", "seed_everything",
 ]

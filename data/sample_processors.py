@@ -1,0 +1,241 @@
+"""Per-sample processing inside a loader worker: one webdataset sample (``KEY.*`` members as bytes) →
+decoded media + tokenized prompt and labels, or a counted skip with its reason. One processor per
+family (image, video, audio); the record fields come from the task registry's readers
+(`mm_llama.data.tasks`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
+
+from torchvision.transforms.v2 import functional as tvF
+
+from mm_llama.data.decoders import decode_audio, decode_image, decode_video
+from mm_llama.data.image_transform import ImageTransform, TiledImage
+from mm_llama.data.json_limits import JSONLimitError, loads_limited
+from mm_llama.data.loader_config import LoaderConfig
+from mm_llama.data.loader_stats import StatsRecorder
+from mm_llama.data.prompts import EmptyLabelsError, Example, build_example, speech_token_count
+from mm_llama.data.records import RecordError
+from mm_llama.data.tasks import get_task
+from mm_llama.encoders.audio_features import FRAMES_PER_SECOND, SAMPLE_RATE, log_mel
+from mm_llama.media_tokens import MediaTokens
+from mm_llama.tokenizer import Tokenizer
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
+AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus")
+
+
+class _Skip(Exception):
+    """Internal: this sample cannot be used (`reason` is the stats tag)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class _Item:
+    """A processed sample inside a worker: the collate pair, its `SHARD:KEY`, its audio seconds."""
+
+    pair: tuple[Example, Any]
+    source: str
+    seconds: float = 0.0
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return text if text.startswith("cannot decode") else f"{type(e).__name__}: {text}"
+
+
+class _Timer:
+    """Times one stage and turns any exception into a `_Skip` with `reason`."""
+
+    def __init__(self, recorder: StatsRecorder, stage: str, reason: str) -> None:
+        self.recorder, self.stage, self.reason = recorder, stage, reason
+
+    def __enter__(self) -> None:
+        self.t0 = perf_counter()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        self.recorder.time(self.stage, perf_counter() - self.t0)
+        if exc is None or isinstance(exc, _Skip) or not isinstance(exc, Exception):
+            return False
+        reason = "empty_labels" if isinstance(exc, EmptyLabelsError) else self.reason
+        raise _Skip(reason, _describe(exc)) from exc
+
+
+def _member(sample: Mapping[str, Any], extensions: tuple[str, ...], what: str) -> tuple[str, bytes]:
+    for ext in extensions:
+        data = sample.get(ext)
+        if data is not None:
+            return ext, data
+    members = sorted(k for k in sample if not k.startswith("__"))
+    raise _Skip(
+        f"missing_{what}",
+        f"no {what} member (expected KEY.{{{','.join(extensions)}}}); the sample has {members}",
+    )
+
+
+def _metadata(sample: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """`(KEY.txt text or None, KEY.json object or {})`; `_Skip("bad_metadata")` if unreadable."""
+    text = None
+    if sample.get("txt") is not None:
+        try:
+            text = bytes(sample["txt"]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Skip("bad_metadata", f"KEY.txt is not UTF-8 text ({e})") from None
+    meta: Any = {}
+    if sample.get("json") is not None:
+        try:
+            meta = loads_limited(sample["json"])  # depth limit, lone surrogates, huge integers
+        except JSONLimitError as e:
+            raise _Skip("bad_metadata", f"KEY.json cannot be used: {e}") from None
+        if not isinstance(meta, dict):
+            raise _Skip("bad_metadata", f"KEY.json must hold an object, got {type(meta).__name__}")
+    return text, meta
+
+
+def _read(task: str, text: str | None, meta: Mapping[str, Any], **options: Any) -> tuple[str, dict[str, Any]]:
+    """`(the task the record is, its fields)`: the registry's record reader (a mixture picks its part);
+    an unusable record is a `_Skip` with the reader's reason."""
+    spec = get_task(task)
+    try:
+        return spec.resolve(meta).name, dict(spec.read(text, meta, **options).fields)
+    except RecordError as e:
+        raise _Skip(e.reason, str(e)) from None
+
+
+class _Processor:
+    """Base of the per-family sample processors: a pipeline stage `(samples, recorder) → _Item`s."""
+
+
+    def __init__(self, task: str, tokenizer: Tokenizer, media: MediaTokens, config: LoaderConfig) -> None:
+        self.task = task
+        self.tokenizer = tokenizer
+        self.media = media
+        self.config = config
+
+    def tokenize(self, recorder: StatsRecorder, fields: Mapping[str, Any], task: str | None = None) -> Example:
+        """``fields`` as a prompt + response of ``task`` (default: the processor's)."""
+        with _Timer(recorder, "tokenize", "bad_field"):
+            return build_example(self.tokenizer, self.media, task or self.task, fields,
+                                 max_len=self.config.max_seq_len)
+
+    def augment(self, value: Any) -> Any:
+        return value if self.config.augment is None else self.config.augment(value)
+
+    def make(self, sample: Mapping[str, Any], source: str, recorder: StatsRecorder) -> _Item:
+        raise NotImplementedError
+
+    def __call__(self, src: Iterable[dict[str, Any]], recorder: StatsRecorder) -> Iterator[_Item]:
+        it = iter(src)
+        while True:
+            t0 = perf_counter()
+            try:
+                sample = next(it)
+            except StopIteration:
+                return
+            recorder.time("read", perf_counter() - t0)
+            source = f"{sample.get('__url__', '<unknown shard>')}:{sample.get('__key__', '<no key>')}"
+            try:
+                item = self.make(sample, source, recorder)
+            except _Skip as skip:
+                recorder.skip(skip.reason, source, skip.message)
+                if self.config.resampled:  # an endless stream must not spin over unusable data
+                    recorder.check_stuck(self.config.min_samples_before_check)
+                continue
+            recorder.sample(sum(len(v) for k, v in sample.items() if isinstance(v, (bytes, bytearray))))
+            yield item
+
+
+class _ImageProcessor(_Processor):
+
+    def __init__(self, *args: Any, prompt: str | None = None) -> None:
+        super().__init__(*args)
+        self.prompt = prompt
+        self.transform = ImageTransform(self.config.tile_size, self.config.max_tiles)
+
+    def make(self, sample: Mapping[str, Any], source: str, recorder: StatsRecorder) -> _Item:
+        ext, data = _member(sample, IMAGE_EXTENSIONS, "image")
+        with _Timer(recorder, "decode", "bad_metadata"):
+            text, meta = _metadata(sample)
+        task, fields = _read(self.task, text, meta)
+        if self.prompt is not None and task == "caption":
+            fields["prompt"] = self.prompt
+        example = self.tokenize(recorder, fields, task)
+        with _Timer(recorder, "decode", "decode_image"):
+            image = decode_image(data, f"{source}.{ext}")
+        with _Timer(recorder, "transform", "transform"):
+            if self.config.augment is None:  # decode_image already gave RGB with EXIF applied
+                tiled = self.transform.tile_tensor(tvF.pil_to_tensor(image))
+            else:  # an augmentation may hand back any PIL mode: let the transform normalise it
+                tiled = self.transform(self.augment(image), source=f"{source}.{ext}")
+        return _Item(pair=(example, [tiled]), source=source)
+
+
+class _VideoProcessor(_Processor):
+
+    def __init__(self, *args: Any, num_frames: int, prompt: str | None = None) -> None:
+        super().__init__(*args)
+        self.num_frames = num_frames
+        self.prompt = prompt
+        self.transform = ImageTransform(self.config.tile_size, self.config.max_tiles)
+
+    def make(self, sample: Mapping[str, Any], source: str, recorder: StatsRecorder) -> _Item:
+        ext, data = _member(sample, VIDEO_EXTENSIONS, "video")
+        with _Timer(recorder, "decode", "bad_metadata"):
+            text, meta = _metadata(sample)
+        _, fields = _read(self.task, text, meta)
+        if self.prompt is not None and self.task == "video_caption":
+            fields["prompt"] = self.prompt
+        example = self.tokenize(recorder, fields)
+        with _Timer(recorder, "decode", "decode_video"):
+            frames = decode_video(data, f"{source}.{ext}", self.num_frames)
+        with _Timer(recorder, "transform", "transform"):
+            frames = self.augment(frames)
+            clip: list[TiledImage] = [self.transform.tile_tensor(frame) for frame in frames]
+        return _Item(pair=(example, clip), source=source)
+
+
+class _AudioProcessor(_Processor):
+
+    def __init__(
+        self, *args: Any, max_batch_seconds: float, target_language: str | None, default_language: str | None
+    ) -> None:
+        super().__init__(*args)
+        self.max_batch_seconds = max_batch_seconds
+        self.target_language = target_language
+        self.default_language = default_language
+
+    def fields(self, meta: Mapping[str, Any]) -> dict[str, Any]:
+        options = ({"default_language": self.default_language} if self.task == "asr"
+                   else {"target_language": self.target_language})
+        return _read(self.task, None, meta, **options)[1]
+
+    def make(self, sample: Mapping[str, Any], source: str, recorder: StatsRecorder) -> _Item:
+        ext, data = _member(sample, AUDIO_EXTENSIONS, "audio")
+        with _Timer(recorder, "decode", "bad_metadata"):
+            _, meta = _metadata(sample)
+        if sample.get("json") is None:
+            raise _Skip("missing_field", "audio samples need KEY.json (text, language, optional translation)")
+        fields = self.fields(meta)
+        with _Timer(recorder, "decode", "decode_audio"):
+            wave = decode_audio(data, f"{source}.{ext}", SAMPLE_RATE)
+        with _Timer(recorder, "transform", "transform"):
+            features = log_mel(self.augment(wave))  # [F, 80]
+        frames = int(features.shape[0])
+        seconds = frames / FRAMES_PER_SECOND
+        if seconds > self.max_batch_seconds:
+            raise _Skip(
+                "too_long",
+                f"{seconds:.2f} s of audio is more than max_batch_seconds={self.max_batch_seconds:g}; "
+                "raise the budget or cut long utterances",
+            )
+        fields["n_speech_tokens"] = speech_token_count(frames)
+        example = self.tokenize(recorder, fields)
+        return _Item(pair=(example, features), source=source, seconds=seconds)
