@@ -126,6 +126,17 @@ class _Processor:
             return build_example(self.tokenizer, self.media, task or self.task, fields,
                                  max_len=self.config.max_seq_len)
 
+    def read_fields(self, sample: Mapping[str, Any], recorder: StatsRecorder,
+                    prompt: str | None = None) -> tuple[str, dict[str, Any]]:
+        """`(the task the record is, its fields)` from KEY.txt / KEY.json; `prompt` replaces the default
+        instruction of a task whose user turn is one (captions)."""
+        with _Timer(recorder, "decode", "bad_metadata"):
+            text, meta = _metadata(sample)
+        task, fields = _read(self.task, text, meta)
+        if prompt is not None and get_task(task).user_field == "prompt":
+            fields["prompt"] = prompt
+        return task, fields
+
     def augment(self, value: Any) -> Any:
         return value if self.config.augment is None else self.config.augment(value)
 
@@ -162,11 +173,7 @@ class _ImageProcessor(_Processor):
 
     def make(self, sample: Mapping[str, Any], source: str, recorder: StatsRecorder) -> _Item:
         ext, data = _member(sample, IMAGE_EXTENSIONS, "image")
-        with _Timer(recorder, "decode", "bad_metadata"):
-            text, meta = _metadata(sample)
-        task, fields = _read(self.task, text, meta)
-        if self.prompt is not None and task == "caption":
-            fields["prompt"] = self.prompt
+        task, fields = self.read_fields(sample, recorder, self.prompt)
         example = self.tokenize(recorder, fields, task)
         with _Timer(recorder, "decode", "decode_image"):
             image = decode_image(data, f"{source}.{ext}")
@@ -188,11 +195,7 @@ class _VideoProcessor(_Processor):
 
     def make(self, sample: Mapping[str, Any], source: str, recorder: StatsRecorder) -> _Item:
         ext, data = _member(sample, VIDEO_EXTENSIONS, "video")
-        with _Timer(recorder, "decode", "bad_metadata"):
-            text, meta = _metadata(sample)
-        _, fields = _read(self.task, text, meta)
-        if self.prompt is not None and self.task == "video_caption":
-            fields["prompt"] = self.prompt
+        _, fields = self.read_fields(sample, recorder, self.prompt)
         example = self.tokenize(recorder, fields)
         with _Timer(recorder, "decode", "decode_video"):
             frames = decode_video(data, f"{source}.{ext}", self.num_frames)

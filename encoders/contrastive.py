@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_llama.model import LlamaDecoder
+from mm_llama.trainable import train_only
 
 ENCODER_GROUP = "image.encoder"  # the backbone, named as in the adapter stages that start from it
 HEADS_GROUP = "contrastive"  # the two projections and the logit scale
@@ -123,14 +124,7 @@ class ContrastiveModel(nn.Module):
 
     def set_trainable(self, groups: Iterable[str]) -> None:
         """Train exactly `groups` (of `group_names()`); everything else is frozen."""
-        wanted = list(groups)
-        all_groups = self.parameter_groups()
-        unknown = [g for g in wanted if g not in all_groups]
-        if unknown:
-            raise ValueError(f"unknown trainable group(s) {unknown}; this model's groups are {list(all_groups)}")
-        for group, params in all_groups.items():
-            for p in params.values():
-                p.requires_grad_(group in wanted)
+        train_only(self.parameter_groups(), groups)
 
     def encode_images(self, images: Any) -> torch.Tensor:
         """The first image of each row (`images.pixels [B, N, T, 3, H, W]`, `tile_mask [B, N, T]`) →

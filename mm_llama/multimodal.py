@@ -21,6 +21,7 @@ from mm_llama.fusion import CROSS_ATTENTION_KEY, CrossAttentionInputs, FusionEmb
 from mm_llama.kv_cache import KVCache
 from mm_llama.modalities import ImageInputs, ImageModality, Modality, SpanEmbeddings
 from mm_llama.model import LlamaDecoder
+from mm_llama.trainable import train_only
 
 DECODER_GROUP = "decoder"
 N_FUSION_TOKENS = 8  # media ids past the LM's vocabulary (Meta's 8 learnable rows; row 0 is <|image|>)
@@ -173,14 +174,7 @@ class MultimodalLlama(nn.Module):
 
     def set_trainable(self, groups: Iterable[str]) -> None:
         """Train exactly `groups` (names from `group_names()`, e.g. `["image.encoder", "image.fusion"]`)."""
-        wanted = list(groups)
-        all_groups = self.parameter_groups()
-        unknown = [g for g in wanted if g not in all_groups]
-        if unknown:
-            raise ValueError(f"unknown trainable group(s) {unknown}; this model's groups are {list(all_groups)}")
-        for group, params in all_groups.items():
-            for p in params.values():
-                p.requires_grad_(group in wanted)
+        train_only(self.parameter_groups(), groups)
 
     # ------------------------------------------------------------------ forward
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

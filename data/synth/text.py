@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mm_llama.data.packed_text import read_documents
 from mm_llama.data.synth import grammar
 from mm_llama.data.synth.splits import draw_in_split, sample_key, sample_rng
 
@@ -207,15 +208,6 @@ def corpus_path(out_dir: str | Path, split: str) -> Path:
 
 
 def read_corpus(path: str | Path) -> Iterator[str]:
-    """Documents of a corpus file written by the ``text`` kind (blank-line separated)."""
-    block: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if line:
-                block.append(line)
-            elif block:
-                yield "\n".join(block)
-                block = []
-    if block:
-        yield "\n".join(block)
+    """Documents of a corpus file written by the ``text`` kind (blank-line separated), read as the LM
+    pretraining data reads them."""
+    return read_documents(path)
