@@ -2,10 +2,10 @@
 
 Evaluation must see the same samples in the same order on every run, so this reader has none of the
 training pipeline's machinery (no shard shuffle, no resampling, no node/worker split, no sample
-shuffle buffer). It reads local ``.tar`` / ``.tar.gz`` shards with Python's :mod:`tarfile` in the
-order given and groups consecutive members that share a key, exactly as webdataset does: the key of
-``dir/KEY.ext`` is ``dir/KEY`` (split at the first dot of the base name) and the extension is
-lower-cased.
+shuffle buffer). It reads local ``.tar`` / ``.tar.gz`` shards in the order given with webdataset's
+tar reader (as the training loader does) and groups consecutive members that share a key, as webdataset
+does: the key of ``dir/KEY.ext`` is ``dir/KEY`` (split at the first dot of the base name) and the
+extension is lower-cased (a repeated member is a skipped sample here, not an error for the whole shard).
 
 Each sample is yielded as a dict::
 
@@ -20,9 +20,10 @@ Nothing is ever raised for bad data. A sample without an image member, with an i
 decode, with a ``KEY.json`` that is not a JSON object or a ``KEY.txt`` that is not UTF-8 is skipped:
 a :class:`CorruptSampleWarning` naming the shard and key is issued and a :class:`SkippedSample` is
 appended to :attr:`EvalShardReader.skipped`. A shard that cannot be opened, is truncated, or whose
-tar headers stop before the end of its data (Python's tarfile silently ends an archive at a corrupt
-header that is not the first one; the reader checks the bytes after the last header it read) is
-recorded with ``key=None``; the samples read from it before the damage are kept.
+tar headers stop before the end of its data (a streaming tar reader silently ends an archive at a
+corrupt header that is not the first one; local ``.tar`` files are checked for that with
+:func:`~mm_llama.data.tar_check.inspect_tar_file`, as the training loader checks them) is recorded
+with ``key=None``; the samples read from it before the damage are kept.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ from typing import Any
 
 from PIL import Image
 
-from mm_llama.data.shard_source import expand_shards
+from webdataset.tariterators import tar_file_expander, url_opener
+
 from mm_llama.data.decoders import DecodeError, decode_image
 from mm_llama.data.json_limits import JSONLimitError, loads_limited
+from mm_llama.data.shard_source import expand_shards
+from mm_llama.data.tar_check import inspect_tar_file
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -52,7 +56,6 @@ __all__ = [
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 """Image members looked for in a sample, in this order (the first one present is used)."""
 
-_CHUNK = 1 << 16
 
 
 class CorruptSampleWarning(UserWarning):
@@ -116,60 +119,21 @@ class _ShardDamaged(Exception):
         self.reason = reason
 
 
-def _unread_data_after(tar: tarfile.TarFile) -> int | None:
-    """Offset of the first nonzero byte after the last member tarfile read, None when the rest is the
-    zero padding of a well-formed end of archive."""
-    fileobj = tar.fileobj
-    if fileobj is None:
-        return None
-    try:
-        fileobj.seek(tar.offset)
-        position = tar.offset
-        while chunk := fileobj.read(_CHUNK):
-            stripped = chunk.lstrip(b"\0")
-            if stripped:
-                return position + len(chunk) - len(stripped)
-            position += len(chunk)
-    except (OSError, EOFError, tarfile.TarError):
-        return None  # cannot check (e.g. a damaged gzip stream); the read errors were reported already
-    return None
-
-
 def _members(path: str) -> Iterator[tuple[str, str, bytes]]:
-    """``(key, ext, data)`` of each file member of a shard; raises `_ShardDamaged` where reading stops."""
+    """``(key, ext, data)`` of each file member of a shard, in order, read with webdataset's tar reader
+    (as the training loader reads shards); raises `_ShardDamaged` where reading stops: a read error, or
+    the damage `inspect_tar_file` finds that the streaming reader would pass over silently."""
     try:
-        tar = tarfile.open(path, mode="r:*")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise _ShardDamaged(f"cannot open the shard as a tar archive ({type(e).__name__}: {e})") from None
-    with tar:
-        while True:
-            try:
-                info = tar.next()
-            except (tarfile.TarError, OSError, EOFError) as e:
-                raise _ShardDamaged(f"damaged tar header ({type(e).__name__}: {e})") from None
-            if info is None:
-                break
-            if not info.isfile():
-                continue
-            parts = split_member_name(info.name)
-            if parts is None:
-                continue
-            try:
-                handle = tar.extractfile(info)
-                data = handle.read() if handle is not None else b""
-                if len(data) != info.size:
-                    raise EOFError(f"member {info.name!r} has {len(data)} of its {info.size} bytes")
-            except (tarfile.TarError, OSError, EOFError) as e:
-                raise _ShardDamaged(
-                    f"the shard is truncated or corrupt at member {info.name!r} ({type(e).__name__}: {e})"
-                ) from None
-            yield parts[0], parts[1], data
-        offset = _unread_data_after(tar)
-        if offset is not None:
-            raise _ShardDamaged(
-                f"the tar archive ends early at byte {tar.offset} (a truncated or corrupt header) but the file "
-                f"holds data from byte {offset} on"
-            )
+        for member in tar_file_expander(url_opener([{"url": path}]), eof_value=None):
+            parts = split_member_name(member["fname"])
+            if parts is not None:
+                yield parts[0], parts[1], member["data"]
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise _ShardDamaged(f"the shard is truncated or corrupt ({type(e).__name__}: {e}); the samples after "
+                            "this point are lost") from None
+    damage = inspect_tar_file(path).problem
+    if damage is not None:
+        raise _ShardDamaged(damage)
 
 
 class EvalShardReader:
@@ -206,19 +170,16 @@ class EvalShardReader:
             warnings.warn(f"skipped {what}: {reason}", CorruptSampleWarning, stacklevel=3)
 
     def count_samples(self) -> int | None:
-        """Number of sample keys in the shards from their tar headers (member data is not decoded);
-        None when a shard cannot be read (the iteration reports why). For progress bars."""
+        """Number of sample keys in the shards (member data is read, not decoded); None when a shard is
+        damaged (the iteration reports why). For progress bars."""
         total = 0
         for url in self.urls:
+            last = None
             try:
-                with tarfile.open(url, mode="r:*") as tar:
-                    last = None
-                    for info in tar:
-                        parts = split_member_name(info.name) if info.isfile() else None
-                        if parts is not None and parts[0] != last:
-                            total += 1
-                            last = parts[0]
-            except (tarfile.TarError, OSError, EOFError):
+                for key, _, _ in _members(url):
+                    total += key != last
+                    last = key
+            except _ShardDamaged:
                 return None
         return total
 
@@ -245,7 +206,7 @@ class EvalShardReader:
                     repeated.append(ext)
                 group[ext] = data
         except _ShardDamaged as e:
-            self.skip(url, None, f"{e.reason}; the samples after this point are lost")
+            self.skip(url, None, e.reason)
             if key is not None:  # the members of the current sample read before the damage are complete
                 sample = self._sample(url, key, group, repeated)
                 if sample is not None:

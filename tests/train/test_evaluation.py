@@ -290,10 +290,25 @@ def test_reader_skips_and_names_damaged_samples_and_shards(damaged_dir: Path) ->
     assert not any(k.endswith("-q1") and s["shard"].endswith("a.tar") for k, s in zip(keys, samples))
     assert [s.key for s in reader.skipped if s.key is not None] == [keys[0].rsplit("-", 1)[0] + "-q1"]
     damaged = [s for s in reader.skipped if s.key is None]
-    assert len(damaged) == 1 and damaged[0].shard.endswith("b.tar") and "ends early" in damaged[0].reason
+    assert len(damaged) == 1 and damaged[0].shard.endswith("b.tar") and "corrupt tar header" in damaged[0].reason
     messages = [str(w.message) for w in caught]
     assert any("a.tar" in m and "-q1" in m for m in messages)
     assert any("b.tar" in m for m in messages)
+
+
+def test_reader_names_shards_cut_inside_a_member_or_not_tar_at_all(synth_dir: Path, tmp_path: Path) -> None:
+    members = _read_tar(sorted((synth_dir / "image-qa").glob("*.tar"))[0])[:4]  # 2 samples: json + png each
+    whole = _write_tar(tmp_path / "whole.tar", members).read_bytes()
+    png_data_end = 512 * 3 + len(members[0][1]) // 512 * 512  # inside the first sample's png data
+    (tmp_path / "cut.tar").write_bytes(whole[:png_data_end + 100])
+    (tmp_path / "junk.tar").write_bytes(b"not a tar archive " * 40)
+    reader = EvalShardReader([tmp_path / "cut.tar", tmp_path / "junk.tar"], warn=False)
+    assert list(reader) == [] and reader.count_samples() is None
+    damaged = [s for s in reader.skipped if s.key is None]
+    assert [Path(s.shard).name for s in damaged] == ["cut.tar", "junk.tar"]
+    assert all("truncated or corrupt" in s.reason and "samples after this point are lost" in s.reason for s in damaged)
+    partial = [s for s in reader.skipped if s.key is not None]  # the cut sample kept only its json
+    assert [(Path(s.shard).name, "no image member" in s.reason) for s in partial] == [("cut.tar", True)]
 
 
 def test_reader_skips_deeply_nested_json_like_the_training_loader(synth_dir: Path, tmp_path: Path) -> None:
