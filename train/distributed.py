@@ -184,7 +184,7 @@ def _frozen_or_raise(module: nn.Module, where: str) -> None:
     trains = [n for n, p in module.named_parameters() if p.requires_grad]
     if trains:
         raise ValueError(f"shard_frozen_lm: {where} has trainable parameters ({trains[:3]}); FSDP here shards only the "
-                         "frozen LM — set distributed.fsdp_frozen_lm=false or keep model.train_decoder=false")
+                         "frozen LM — set distributed.fsdp_frozen_lm=false or leave decoder out of model.train")
 
 
 def shard_frozen_lm(decoder: nn.Module, ctx: DistributedContext | None = None, *,

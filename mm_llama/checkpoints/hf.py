@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
+from mm_llama.atomic_file import atomic_path, atomic_write
 from mm_llama.checkpoints.files import iter_safetensors, read_json_object
 from mm_llama.checkpoints.state_dict import CheckpointError
 from mm_llama.config import LlamaConfig, show_value
@@ -165,27 +166,30 @@ def hf_state_dict(model: torch.nn.Module, cfg: LlamaConfig) -> dict[str, torch.T
 
 
 def save_hf(model: torch.nn.Module, directory: str | Path, *, max_shard_bytes: int | None = None) -> Path:
-    """Write `config.json` + safetensors in HF layout (sharded with an index above `max_shard_bytes`)."""
+    """Write `config.json` + safetensors in HF layout (sharded with an index above `max_shard_bytes`); each
+    file is written atomically (`mm_llama.atomic_file`), so a reader never sees a torn one."""
     cfg: LlamaConfig = model.cfg
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model, cfg)
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    atomic_write(directory / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
     shards = _split_shards(tensors, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(directory / SINGLE_FILE), metadata=metadata)
+        with atomic_path(directory / SINGLE_FILE) as tmp:
+            save_file(shards[0], str(tmp), metadata=metadata)
         return directory
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=metadata)
+        with atomic_path(directory / name) as tmp:
+            save_file(shard, str(tmp), metadata=metadata)
         weight_map.update({key: name for key in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    atomic_write(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
     return directory
 
 
