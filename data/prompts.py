@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mm_llama.adapters.speech_adapter import speech_token_count  # the adapter owns its geometry
 from mm_llama.data.tasks import DEFAULT_CAPTION_PROMPT, DEFAULT_VIDEO_PROMPT, get_task, task_names
 from mm_llama.data.tasks import TASKS as TASKS_BY_NAME
 from mm_llama.media_tokens import MediaTokens
@@ -68,9 +69,6 @@ TASKS = task_names(prompted=True, mixtures=False)
 RESPONSE_FIELDS: dict[str, str] = {name: str(TASKS_BY_NAME[name].response_field) for name in TASKS}
 """The field of ``fields`` that holds each task's response (the labelled text)."""
 
-# Speech adapter geometry (REFERENCE.md §4): 10 ms features → stack 4 (40 ms) → conv stride 2 (80 ms).
-_STACK = 4
-_CONV_STRIDE = 2
 
 # ISO 639-1 codes → the English language names the speech system prompts use. Shard metadata often
 # stores codes ("en", "fr-FR"); the paper's prompts name the language ("Repeat after me in English:").
@@ -175,22 +173,6 @@ def asr_system_prompt(language: str) -> str:
 def ast_system_prompt(target_language: str) -> str:
     """``Translate the following sentence into {language}:`` — target language only (REFERENCE.md §4)."""
     return str(get_task("ast").system_template).format(language_name(target_language))
-
-
-def speech_token_count(n_frames: int) -> int:
-    """Number of speech adapter outputs (= speech placeholder tokens) for ``n_frames`` feature frames.
-
-    The contract between the prompts and the speech encoder/adapter (REFERENCE.md §4): features are
-    10 ms frames (100 per second); the encoder stacks 4 frames into one 40 ms frame, zero-padding the
-    last partial group (``ceil(n / 4)``); the adapter's Conv1d (kernel 3, stride 2, padding 1) halves
-    that, rounding up (``ceil(· / 2)``), giving 80 ms per output: 12.5 per second of audio.
-
-    ``ceil(ceil(n_frames / 4) / 2)``: 0 → 0, 1 → 1, 8 → 1, 9 → 2, 100 (1 s) → 13, 6000 (60 s) → 750.
-    """
-    if isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 0:
-        raise ValueError(f"n_frames must be a non-negative int, got {n_frames!r}")
-    stacked = -(-n_frames // _STACK)
-    return -(-stacked // _CONV_STRIDE)
 
 
 def speech_span(media: MediaTokens, n_speech_tokens: int) -> list[int]:

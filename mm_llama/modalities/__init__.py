@@ -2,5 +2,8 @@
 
 from mm_llama.modalities.base import Modality, SpanEmbeddings
 from mm_llama.modalities.image import ImageInputs, ImageModality, build_image_encoder
+from mm_llama.modalities.speech import AudioInputs, SpeechModality
 
-__all__ = ["ImageInputs", "ImageModality", "Modality", "SpanEmbeddings", "build_image_encoder"]
+__all__ = [
+    "AudioInputs", "ImageInputs", "ImageModality", "Modality", "SpanEmbeddings", "SpeechModality", "build_image_encoder",
+]
