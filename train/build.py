@@ -32,12 +32,13 @@ from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
 from mm_llama.checkpoints.files import iter_safetensors
 from mm_llama.checkpoints.loading import load_llama
 from mm_llama.checkpoints.multimodal_loading import (
-    ADAPTER_FILE, adapter_state_dict, upgrade_adapter_keys, vision_config_from_dict,
+    ADAPTER_FILE, adapter_state_dict, modalities_from_fields, upgrade_adapter_keys,
 )
 from mm_llama.checkpoints.state_dict import CheckpointError
 from mm_llama.config import LlamaConfig, RopeScaling, preset
 from mm_llama.model import LlamaDecoder
-from mm_llama.multimodal import DECODER_GROUP, MultimodalConfig, MultimodalLlama
+from mm_llama.data.tasks import TASKS
+from mm_llama.multimodal import DECODER_GROUP, MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.train.recipe import RecipeConfig, RecipeError
 
@@ -164,6 +165,9 @@ def load_encoder_checkpoint(model: MultimodalLlama, path: str | Path) -> None:
     or any timm / OpenCLIP file `TimmEncoderConfig.weights` accepts; positional embeddings are
     resampled to the tile size); for mllama a safetensors file of the encoder's state dict (keys as
     `model.image.encoder.state_dict()`, optionally prefixed `image.encoder.`, `encoder.` or `vision_model.`)."""
+    if "image" not in model.modality_names:
+        raise RecipeError("model.encoder_checkpoint holds image-encoder weights but the model has no image modality; "
+                          "remove it (or add image to model.modalities)")
     file = encoder_weights_file(path)
     encoder = model.image.encoder
     if model.image.encoder_kind == "timm":
@@ -290,8 +294,26 @@ def init_fusion_gates(model: MultimodalLlama, value: float) -> None:
                 block.gate_ffwd.fill_(value)
 
 
+def model_modalities(cfg: RecipeConfig) -> list[str]:
+    """`model.modalities`, else the one `data.task` carries (`image` for caption / vqa, `speech` for asr / ast)."""
+    if cfg.model.modalities:
+        return list(cfg.model.modalities)
+    modality = TASKS[cfg.data.task].modality if cfg.data.task in TASKS else None
+    if modality is None:
+        raise RecipeError(f"data.task={cfg.data.task!r} carries no media; name the model's modalities in model.modalities")
+    return [modality]
+
+
+def modality_fields(cfg: RecipeConfig) -> dict[str, Any]:
+    """The recipe's model section as `modalities_from_fields` reads it."""
+    m = cfg.model
+    return {"modalities": model_modalities(cfg), "encoder": m.encoder, "vision": vision_fields(cfg),
+            "fusion_layers": list(m.fusion_layers), "speech": dict(m.speech)}
+
+
 def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama:
-    """Frozen base LM + image encoder + fusion, with the recipe's trainable groups."""
+    """Frozen base LM + the recipe's modalities (image: encoder + fusion; speech: Conformer + adapter),
+    with the recipe's trainable groups."""
     model_cfg = cfg.model
     if not model_cfg.base_lm:
         raise RecipeError("model.kind=multimodal needs model.base_lm: the (frozen) Llama checkpoint directory")
@@ -302,28 +324,48 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
     if decoder.cfg.vocab_size < tokenizer.vocab_size:
         raise RecipeError(f"the base LM has {decoder.cfg.vocab_size} vocabulary rows but the tokenizer has "
                           f"{tokenizer.vocab_size} ids; use the base LM's tokenizer (data.tokenizer: null)")
-    vision = vision_config_from_dict(model_cfg.encoder, vision_fields(cfg))
     torch.manual_seed(cfg.train.seed)
-    mm_cfg = MultimodalConfig(text=decoder.cfg, vision=vision, encoder=model_cfg.encoder,
-                              fusion_layers=tuple(model_cfg.fusion_layers))
-    model = MultimodalLlama.from_config(mm_cfg, decoder=decoder)
+    try:
+        modalities = modalities_from_fields(decoder.cfg, modality_fields(cfg))
+    except ValueError as err:
+        raise RecipeError(str(err)) from err
+    model = MultimodalLlama(decoder, modalities)
     trained = model_cfg.trainable_groups(model.group_names())
     if DECODER_GROUP in trained:
-        raise RecipeError("model.train lists decoder: the image stages keep the LM frozen, and a run's export "
+        raise RecipeError("model.train lists decoder: the adapter stages keep the LM frozen, and a run's export "
                           "(adapter.safetensors) holds only adapter weights; remove decoder from model.train")
     init_fusion_gates(model, model_cfg.fusion_gate_init)
-    check_data_geometry(cfg, model.image.encoder.tile_size, model.image.encoder.max_tiles)
+    if "image" in model.modality_names:
+        check_data_geometry(cfg, model.image.encoder.tile_size, model.image.encoder.max_tiles)
     if model_cfg.encoder_checkpoint:
         load_encoder_checkpoint(model, model_cfg.encoder_checkpoint)
-    if model_cfg.init_from:
-        load_adapter_weights(model, model_cfg.init_runs())
+    loaded = load_adapter_weights(model, model_cfg.init_runs()) if model_cfg.init_from else []
+    if "speech" in model.modality_names and not any(_holds_speech(f) for f in loaded):
+        set_speech_feature_stats(model, cfg)
     model.set_trainable(trained)
     model.train()
     return model
 
 
+def _holds_speech(file: Path) -> bool:
+    return any(k.startswith("speech.") for k in _read_tensors(file))
+
+
+def set_speech_feature_stats(model: MultimodalLlama, cfg: RecipeConfig) -> None:
+    """A fresh speech encoder normalises with the log-mel statistics of the training shards (up to 256
+    utterances; stored with the encoder, so evaluation and inference normalise the same way)."""
+    from mm_llama.data.audio_stats import log_mel_stats
+
+    try:
+        mean, std, _ = log_mel_stats(list(cfg.data.shards))
+    except (ValueError, FileNotFoundError) as err:
+        raise RecipeError(f"data.shards: {err}") from err
+    model.speech.encoder.set_feature_stats(mean, std)
+
+
 __all__ = [
     "ENCODER_FILE", "MODEL_DIR", "TOKENIZER_FILES", "adapter_weights_of", "build_llama", "build_multimodal",
     "check_data_geometry", "encoder_weights_file", "init_fusion_gates", "lm_checkpoint_dir", "load_adapter_weights",
-    "load_encoder_checkpoint", "load_recipe_tokenizer", "text_config", "tokenizer_dir_for", "vision_fields",
+    "load_encoder_checkpoint", "load_recipe_tokenizer", "modality_fields", "model_modalities",
+    "set_speech_feature_stats", "text_config", "tokenizer_dir_for", "vision_fields",
 ]

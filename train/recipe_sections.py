@@ -36,7 +36,10 @@ class ModelConfig:
     image adapter and a speech adapter trained apart): their weights are loaded as one union, and a key
     two of them hold is an error. `train`: the stage's trainable groups, named by the model
     (`[image.encoder, image.fusion]`; null = every group but the LM's `decoder`); everything else is
-    frozen. A `llama` model has the one group `decoder`, which always trains. `contrastive`: settings of
+    frozen. A `llama` model has the one group `decoder`, which always trains. `modalities`: what the
+    model reads (`image`, `speech`; null = the modality of `data.task`); `speech`: the speech modality's
+    `encoder` and `adapter` (a preset name, `tiny` or `paper`, or a mapping of fields with an optional
+    `preset`). `contrastive`: settings of
     contrastive image-encoder pretraining (`data.task: contrastive`; see `train.contrastive`):
     `embed_dim`, `pool` (cls | mean), `init_temperature`, `max_logit_scale`.
     """
@@ -50,6 +53,8 @@ class ModelConfig:
     init_from: str | list[str] | None = None
     fusion_layers: list[int] = field(default_factory=list)
     fusion_gate_init: float = 0.0
+    modalities: list[str] | None = None
+    speech: dict[str, Any] = field(default_factory=dict)
     train: list[str] | None = None
     contrastive: dict[str, Any] = field(default_factory=dict)
 
@@ -64,6 +69,8 @@ class ModelConfig:
             out.append(f"model.train={self.train}: a model.kind=llama stage trains its one group, decoder; "
                        "leave model.train out")
         out += [f"model.fusion_layers has a negative index {i}" for i in self.fusion_layers if i < 0]
+        out += [f"model.modalities: unknown modality {m!r}; use image and/or speech"
+                for m in self.modalities or [] if m not in ("image", "speech")]
         return out  # a non-finite fusion_gate_init is caught by non_finite_values, as every float is
 
     def init_runs(self) -> list[str]:

@@ -9,6 +9,7 @@ from typing import Any, Iterator, Protocol
 from mm_llama.config import LlamaConfig
 from mm_llama.data.packed_text import PackedTextData
 from mm_llama.data.pipelines import LoaderConfig, loader_for_task
+from mm_llama.data.tasks import TASKS
 from mm_llama.media_tokens import MediaTokens
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.train.recipe import RecipeConfig, RecipeError
@@ -73,9 +74,11 @@ def packed_text_source(cfg: RecipeConfig, lm_cfg: LlamaConfig, tokenizer: Tokeni
 
 
 def task_loader_source(cfg: RecipeConfig, task: str, tokenizer: Tokenizer, lm_cfg: LlamaConfig, shards: list[str], *,
-                       tile_size: int, max_tiles: int, rank: int, world_size: int, evaluation: bool) -> LoaderSource:
-    """The webdataset loader of `task` over `shards`, tiling images as the encoder expects; an evaluation
-    source reads in order, every sample once, the same on every rank."""
+                       rank: int, world_size: int, evaluation: bool, tile_size: int = 560,
+                       max_tiles: int = 4) -> LoaderSource:
+    """The webdataset loader of `task` over `shards`, tiling images as the encoder expects (`tile_size`,
+    `max_tiles`; unused by audio); an evaluation source reads in order, every sample once, the same on
+    every rank."""
     d = cfg.data
     loader_cfg = LoaderConfig(
         shards=shards, batch_size=d.batch_size, num_workers=d.num_workers,
@@ -89,6 +92,8 @@ def task_loader_source(cfg: RecipeConfig, task: str, tokenizer: Tokenizer, lm_cf
     options = dict(d.options)
     if d.prompt is not None:
         options["prompt"] = d.prompt
+    if d.max_batch_seconds is not None and TASKS[task].family == "audio_text":
+        options["max_batch_seconds"] = d.max_batch_seconds
     with warnings.catch_warnings():
         if evaluation:
             warnings.simplefilter("ignore")  # one process reads every eval shard: the few-shards warning is moot

@@ -30,9 +30,10 @@ from mm_llama.checkpoints.multimodal_loading import ADAPTER_FILE, adapter_state_
 from mm_llama.data.tasks import TASKS, task_names
 from mm_llama.fusion import fusion_schedule
 from mm_llama.tokenizer import Tokenizer
+from mm_llama.modalities.speech import speech_configs
 from mm_llama.train.build import (
     ENCODER_FILE, MODEL_DIR, TOKENIZER_FILES, build_llama, build_multimodal, lm_checkpoint_dir, load_recipe_tokenizer,
-    vision_fields,
+    model_modalities, vision_fields,
 )
 from mm_llama.train.recipe import RecipeConfig, RecipeError
 from mm_llama.train.sources import EpochSource, packed_text_source, task_loader_source
@@ -128,9 +129,11 @@ def _contrastive_export(model: nn.Module, run_dir: Path, built: Built, step: int
 def _adapter_source(cfg: RecipeConfig, built: Built, shards: list[str], *, rank: int, world_size: int,
                     evaluation: bool = False) -> EpochSource:
     model = built.model
-    encoder = model.image.encoder
-    return task_loader_source(cfg, cfg.data.task, built.tokenizer, model.text_cfg, shards, tile_size=encoder.tile_size,
-                              max_tiles=encoder.max_tiles, rank=rank, world_size=world_size, evaluation=evaluation)
+    tiles = {}
+    if "image" in model.modality_names:  # the loader tiles images as the encoder expects
+        tiles = {"tile_size": model.image.encoder.tile_size, "max_tiles": model.image.encoder.max_tiles}
+    return task_loader_source(cfg, cfg.data.task, built.tokenizer, model.text_cfg, shards, rank=rank,
+                              world_size=world_size, evaluation=evaluation, **tiles)
 
 
 def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -150,7 +153,7 @@ STAGES: dict[str, Stage] = {
     "contrastive": Stage("contrastive", "multimodal", ("contrastive",), ENCODER_FILE, _build_contrastive,
                          _contrastive_source, lambda model: model.lm, lambda model: model.encoder.state_dict(),
                          _contrastive_export),
-    "adapter": Stage("adapter", "multimodal", ("image_text",), ADAPTER_FILE, build_multimodal, _adapter_source,
+    "adapter": Stage("adapter", "multimodal", ("image_text", "audio_text"), ADAPTER_FILE, build_multimodal, _adapter_source,
                      lambda model: model.decoder, _adapter_state, _adapter_export),
 }
 
@@ -178,7 +181,8 @@ def stage_kind(cfg: RecipeConfig) -> str:
 def resolve_recipe(cfg: RecipeConfig) -> RecipeConfig:
     """A copy of `cfg` with what loading the run later must not guess: absolute `model.base_lm` (an
     `lm_pretrain` run directory becomes its `model/` folder), the encoder's `max_tiles` in `model.vision`,
-    and for adapter stages the fusion layer indices the model uses (MultimodalConfig's every-4th default)."""
+    and for adapter stages the modalities, the fusion layer indices the image modality uses (every 4th by
+    default) and the speech encoder / adapter fields (presets spelled out)."""
     model = cfg.model
     stage = stage_for(cfg)
     changes: dict[str, Any] = {}
@@ -186,7 +190,15 @@ def resolve_recipe(cfg: RecipeConfig) -> RecipeConfig:
         changes["base_lm"] = str(lm_checkpoint_dir(model.base_lm).resolve())
     if stage.name != "lm":
         changes["vision"] = vision_fields(cfg)
-    if stage.name == "adapter" and model.base_lm:
+    if stage.name == "adapter":
+        changes["modalities"] = model_modalities(cfg)
+        if "speech" in changes["modalities"]:
+            try:
+                encoder, adapter = speech_configs(dict(model.speech))
+            except ValueError as err:
+                raise RecipeError(str(err)) from err
+            changes["speech"] = {"encoder": dataclasses.asdict(encoder), "adapter": dataclasses.asdict(adapter)}
+    if stage.name == "adapter" and model.base_lm and "image" in changes["modalities"]:
         n_layers = llama_config_from_dir(lm_checkpoint_dir(model.base_lm)).n_layers
         changes["fusion_layers"] = list(model.fusion_layers) or fusion_schedule(n_layers, max(1, n_layers // 4))
         bad = [i for i in changes["fusion_layers"] if i >= n_layers]

@@ -118,14 +118,28 @@ class ImageTextTask(Task):
 
     name = "image_text"
 
+    def media(self, batch: Any) -> dict[str, Any]:
+        """The batch's media by modality, as `MultimodalLlama(media=…)` takes them."""
+        return {"image": batch.images}
+
     def units(self, batch: Any) -> int:
         return label_count(batch.text.labels)
 
     def step(self, model: nn.Module, batch: Any) -> StepResult:
         text = batch.text
-        logits = model(text.input_ids, images=batch.images, attention_mask=text.attention_mask)
+        logits = model(text.input_ids, media=self.media(batch), attention_mask=text.attention_mask)
         loss, units = shifted_cross_entropy(logits, text.labels)
         return StepResult(loss, units, int(text.attention_mask.sum()), int(text.input_ids.shape[0]))
+
+
+class AudioTextTask(ImageTextTask):
+    """ASR / AST (`AudioTextBatch`: log-mel features + lengths) through a `MultimodalLlama` with a speech
+    modality; loss on the response tokens."""
+
+    name = "audio_text"
+
+    def media(self, batch: Any) -> dict[str, Any]:
+        return {"speech": batch}
 
 
 class ContrastiveTask(Task):
@@ -147,13 +161,14 @@ class ContrastiveTask(Task):
 
 
 TASK_FAMILIES: dict[str, Callable[..., Task]] = {
-    "text": LMTask, "image_text": ImageTextTask, "contrastive": ContrastiveTask,
+    "text": LMTask, "image_text": ImageTextTask, "audio_text": AudioTextTask, "contrastive": ContrastiveTask,
 }
 """The step function of each task family (`mm_llama.data.tasks`) that can train yet."""
 
 
 def task_for(name: str, device: torch.device, precision: str = "auto") -> Task:
-    """The step function of `data.task` (its family's: `lm`; `caption`, `vqa`, `caption_vqa`; `contrastive`)."""
+    """The step function of `data.task` (its family's: `lm`; `caption`, `vqa`, `caption_vqa`; `asr`, `ast`;
+    `contrastive`)."""
     spec = TASKS.get(name)
     if spec is None or spec.family not in TASK_FAMILIES:
         trainable = [n for n, s in TASKS.items() if s.family in TASK_FAMILIES]
@@ -162,6 +177,6 @@ def task_for(name: str, device: torch.device, precision: str = "auto") -> Task:
 
 
 __all__ = [
-    "ContrastiveTask", "ImageTextTask", "LMTask", "StepResult", "TASK_FAMILIES", "Task", "autocast",
+    "AudioTextTask", "ContrastiveTask", "ImageTextTask", "LMTask", "StepResult", "TASK_FAMILIES", "Task", "autocast",
     "label_count", "shifted_cross_entropy", "task_for",
 ]

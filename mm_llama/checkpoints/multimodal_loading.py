@@ -26,6 +26,9 @@ from mm_llama.checkpoints.mllama import (
 from mm_llama.checkpoints.state_dict import CheckpointError, assign_state_dict
 from mm_llama.config import ConfigFields, LlamaConfig
 from mm_llama.fusion import fusion_schedule
+from mm_llama.modalities import ImageModality, Modality, SpeechModality
+from mm_llama.modalities.speech import speech_config_fields, speech_configs
+from mm_llama.model import LlamaDecoder
 from mm_llama.multimodal import DECODER_GROUP, MultimodalConfig, MultimodalLlama
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -135,7 +138,9 @@ def adapter_state_dict(model: MultimodalLlama, groups: Sequence[str] | None = No
     if unknown:
         raise ValueError(f"unknown group(s) {unknown}; the model's groups are {list(all_groups)}")
     trained = {id(p) for group in wanted for p in all_groups[group].values()}
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict(keep_vars=True).items() if id(v) in trained}
+    prefixes = tuple(f"{group}." for group in wanted)  # buffers of a group's module (speech feature statistics)
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict(keep_vars=True).items()
+            if id(v) in trained or (k.startswith(prefixes) and not isinstance(v, torch.nn.Parameter))}
 
 
 def export_groups(model: MultimodalLlama) -> list[str]:
@@ -177,35 +182,38 @@ def upgrade_adapter_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
 def save_adapter(model: MultimodalLlama, out_dir: str | Path, *, base_lm: str | Path,
                  groups: Sequence[str] | None = None) -> Path:
     """Write `adapter.safetensors` (the weights of `groups`, default every group but the LM's) and
-    `config.yaml` (base LM path, image encoder config, fusion layout), each atomically."""
+    `config.yaml` (base LM path, the modalities and their settings), each atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    image = model.image
-    run_cfg = {
-        "base_lm": str(Path(base_lm).resolve()),
-        "encoder": image.encoder_kind,
-        "vision": dataclasses.asdict(image.vision_cfg),
-        "fusion_layers": list(image.fusion_layers),
-        "n_fusion_tokens": model.n_media_tokens,
-    }
+    run_cfg: dict[str, Any] = {"base_lm": str(Path(base_lm).resolve()), "modalities": list(model.modality_names)}
+    for modality in model.modalities.values():
+        if isinstance(modality, ImageModality):
+            run_cfg.update(encoder=modality.encoder_kind, vision=dataclasses.asdict(modality.vision_cfg),
+                           fusion_layers=list(modality.fusion_layers))
+        elif isinstance(modality, SpeechModality):
+            run_cfg["speech"] = speech_config_fields(modality)
+    run_cfg["n_fusion_tokens"] = model.n_media_tokens
     atomic_write(out / ADAPTER_FILE, safetensors_bytes(adapter_state_dict(model, groups), metadata={"format": "pt"}))
     atomic_write(out / RUN_CONFIG, yaml.safe_dump(run_cfg, sort_keys=False))
     return out
 
 
 def read_adapter_run_config(directory: str | Path) -> dict[str, Any]:
-    """`{base_lm, encoder, vision, fusion_layers, n_fusion_tokens}` of a run / export directory.
+    """`{base_lm, modalities, encoder, vision, fusion_layers, speech, n_fusion_tokens}` of a run / export.
 
     `config.yaml` is either `save_adapter`'s own schema (those keys at the top level) or the training
-    recipe `mm-llama train` writes (a `model:` section holding `base_lm`, `encoder`, `vision` and the
-    resolved `fusion_layers`). `base_lm` is returned as written, `vision` without `weights` (the adapter
-    file holds the encoder's weights).
+    recipe `mm-llama train` writes (a `model:` section holding `base_lm`, the resolved `modalities`, the
+    image settings `encoder`, `vision`, `fusion_layers` and the speech settings `speech`). Runs from before
+    modalities were recorded are image runs. The image settings are needed only when `image` is among the
+    modalities. `base_lm` is returned as written, `vision` without `weights` (the adapter file holds the
+    encoder's weights).
     """
     directory = Path(directory)
     path = directory / RUN_CONFIG
     run_cfg = yaml.safe_load(path.read_text()) or {}
     if not isinstance(run_cfg, dict):
         raise CheckpointError(f"{path} is not a mapping; expected save_adapter's config or a training recipe")
+    where = f"{path} (a training recipe)"
     if isinstance(run_cfg.get("model"), dict):  # a training recipe (mm-llama train)
         model = run_cfg["model"]
         task = (run_cfg.get("data") or {}).get("task")
@@ -216,23 +224,36 @@ def read_adapter_run_config(directory: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{directory} is an image-encoder pretraining run; its product is "
                                   f"{directory / 'encoder.safetensors'} (use it as model.encoder_checkpoint of an "
                                   "image stage)")
-        missing = [k for k in ("base_lm", "encoder", "vision") if not model.get(k) and model.get(k) != {}]
-        if not model.get("fusion_layers"):
-            missing.append("fusion_layers")
-        if missing:
-            raise CheckpointError(f"{path} (a training recipe) lacks model.{', model.'.join(missing)}; it was not "
-                                  "written by `mm-llama train`")
-        fields = {"base_lm": model["base_lm"], "encoder": model["encoder"], "vision": dict(model["vision"] or {}),
-                  "fusion_layers": list(model["fusion_layers"]), "n_fusion_tokens": model.get("n_fusion_tokens", 8)}
     else:
-        missing = [k for k in ("base_lm", "encoder", "vision", "fusion_layers") if k not in run_cfg]
-        if missing:
-            raise CheckpointError(f"{path} lacks {missing}; it was not written by save_adapter or mm-llama train")
-        fields = {k: run_cfg[k] for k in ("base_lm", "encoder", "vision", "fusion_layers")}
-        fields["vision"] = dict(fields["vision"] or {})
-        fields["n_fusion_tokens"] = run_cfg.get("n_fusion_tokens", 8)
+        model, where = run_cfg, str(path)
+    modalities = list(model.get("modalities") or ["image"])
+    needed = ["base_lm"] + (["encoder", "vision", "fusion_layers"] if "image" in modalities else [])
+    missing = [k for k in needed if not model.get(k) and model.get(k) != {}]
+    if missing:
+        raise CheckpointError(f"{where} lacks {', '.join(missing)}; it was not written by save_adapter or "
+                              "`mm-llama train`")
+    fields = {"base_lm": model["base_lm"], "modalities": modalities, "encoder": model.get("encoder"),
+              "vision": dict(model.get("vision") or {}), "fusion_layers": list(model.get("fusion_layers") or []),
+              "speech": dict(model.get("speech") or {}), "n_fusion_tokens": model.get("n_fusion_tokens", 8)}
     fields["vision"].pop("weights", None)
     return fields
+
+
+def modalities_from_fields(text: LlamaConfig, fields: dict[str, Any]) -> list[Modality]:
+    """The modalities `fields` (`read_adapter_run_config`'s, or a recipe's model section) describe, in the
+    order they are named: `image` from `encoder` / `vision` / `fusion_layers` (empty: every 4th layer),
+    `speech` from `speech` (`SpeechModality` presets or fields)."""
+    out: list[Modality] = []
+    for name in fields["modalities"]:
+        if name == "image":
+            layers = tuple(fields.get("fusion_layers") or fusion_schedule(text.n_layers, max(1, text.n_layers // 4)))
+            out.append(ImageModality(text, vision_config_from_dict(fields["encoder"], fields["vision"]),
+                                     encoder=fields["encoder"], fusion_layers=layers))
+        elif name == "speech":
+            out.append(SpeechModality(text, *speech_configs(fields.get("speech") or {})))
+        else:
+            raise ValueError(f"unknown modality {name!r}; known: image, speech")
+    return out
 
 
 def adapter_run_base_lm(directory: str | Path) -> Path:
@@ -268,12 +289,9 @@ def load_adapter_run(
         raise CheckpointError(f"{directory} has {RUN_CONFIG} but no {ADAPTER_FILE}; the run saved no adapter yet")
     base = adapter_run_base_lm(directory)
     text_cfg = llama_config_from_dir(base, max_seq_len)
-    cfg = MultimodalConfig(
-        text=text_cfg, vision=vision_config_from_dict(run_cfg["encoder"], run_cfg["vision"]),
-        encoder=run_cfg["encoder"], fusion_layers=tuple(run_cfg["fusion_layers"]),
-        n_fusion_tokens=int(run_cfg.get("n_fusion_tokens", 8)),
-    )
-    model = _build(cfg)
+    with torch.device("meta"):
+        model = MultimodalLlama(LlamaDecoder(text_cfg), modalities_from_fields(text_cfg, run_cfg),
+                                n_media_tokens=int(run_cfg.get("n_fusion_tokens", 8)))
     tensors: Iterator[tuple[str, torch.Tensor]] = itertools.chain(
         ((f"decoder.{k}", v) for k, v in llama_tensors(base, text_cfg)),
         upgrade_adapter_keys(dict(iter_safetensors([directory / ADAPTER_FILE]))).items(),

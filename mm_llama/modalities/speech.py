@@ -8,18 +8,19 @@ Groups: `encoder` (the Conformer) and `adapter` (the adapter, plus the three emb
 
 from __future__ import annotations
 
-from typing import Protocol
+import dataclasses
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from mm_llama.adapters.speech_adapter import SpeechAdapter, SpeechAdapterConfig
+from mm_llama.adapters.speech_adapter import SPEECH_ADAPTER_PRESETS, SpeechAdapter, SpeechAdapterConfig
 from mm_llama.config import LlamaConfig
-from mm_llama.encoders.conformer import ConformerConfig, ConformerEncoder
+from mm_llama.encoders.conformer import CONFORMER_PRESETS, ConformerConfig, ConformerEncoder
 from mm_llama.media_tokens import MediaTokens
 from mm_llama.modalities.base import Modality, SpanEmbeddings
 
-__all__ = ["AudioInputs", "SpeechModality"]
+__all__ = ["AudioInputs", "SpeechModality", "speech_config_fields", "speech_configs"]
 
 
 class AudioInputs(Protocol):
@@ -69,3 +70,37 @@ class SpeechModality(Modality):
             )
         keep = torch.arange(embeds.shape[1], device=embeds.device)[None] < lengths[:, None]
         return SpanEmbeddings(positions=positions, embeds=embeds[keep])
+
+
+def _config_from(value: Any, presets: dict[str, Any], cls: type, what: str) -> Any:
+    """A preset name, or a mapping of fields with an optional `preset` to start from."""
+    if value is None:
+        value = "tiny"
+    if isinstance(value, str):
+        if value not in presets:
+            raise ValueError(f"{what}: unknown preset {value!r}; presets: {sorted(presets)}")
+        return presets[value]
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a preset name or a mapping of {cls.__name__} fields, got {value!r}")
+    fields = dict(value)
+    base = presets[fields.pop("preset")] if "preset" in fields else cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown field(s) {unknown}; {cls.__name__} has {sorted(known)} (plus 'preset')")
+    return dataclasses.replace(base, **fields)
+
+
+def speech_configs(fields: dict[str, Any]) -> tuple[ConformerConfig, SpeechAdapterConfig]:
+    """`{encoder: PRESET | {fields}, adapter: PRESET | {fields}}` (a recipe's `model.speech`; both default
+    to `tiny`) → the encoder and adapter configs."""
+    unknown = sorted(set(fields) - {"encoder", "adapter"})
+    if unknown:
+        raise ValueError(f"model.speech: unknown key(s) {unknown}; it takes encoder and adapter")
+    return (_config_from(fields.get("encoder"), CONFORMER_PRESETS, ConformerConfig, "model.speech.encoder"),
+            _config_from(fields.get("adapter"), SPEECH_ADAPTER_PRESETS, SpeechAdapterConfig, "model.speech.adapter"))
+
+
+def speech_config_fields(modality: SpeechModality) -> dict[str, Any]:
+    """The `model.speech` mapping that rebuilds `modality` (what a run directory records)."""
+    return {"encoder": dataclasses.asdict(modality.encoder_cfg), "adapter": dataclasses.asdict(modality.adapter_cfg)}

@@ -13,11 +13,12 @@ from mm_llama.train.recipe import RECIPES_DIR, load_recipe
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ["lm_pretrain", "image_encoder_pretrain", "vision_pretrain", "vision_anneal", "vision_sft"]
 TINY = ["tiny_lm_pretrain", "tiny_image_encoder_pretrain", "tiny_vision_pretrain"]
+SPEECH = ["speech_sft", "tiny_speech_sft"]
 
 
 def test_every_recipe_is_there_and_validates() -> None:
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    assert set(PAPER + TINY) <= set(names)
+    assert set(PAPER + TINY + SPEECH) <= set(names)
     for name in names:
         cfg = load_recipe(name)
         assert cfg.name == name and cfg.description
