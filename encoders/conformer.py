@@ -177,10 +177,15 @@ class ConformerEncoder(nn.Module):
         """`[..., n_mels]` → normalised with the stored statistics."""
         return (features - self.feature_mean) / self.feature_std
 
+    def stacked(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`features [B, F, n_mels]` (raw log-mel), `lengths [B]` → normalised, stacked frames
+        `[B, S, stack·n_mels]` and the stacked lengths `[B]` (what BEST-RQ quantizes and masks)."""
+        return stack_frames(self.normalize(features), lengths, self.cfg.stack)
+
     def embed(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`features [B, F, n_mels]` (raw log-mel), `lengths [B]` → stacked input states `[B, S, D]` and the
-        stacked lengths `[B]` (what BEST-RQ masks before the layers)."""
-        stacked, stacked_lengths = stack_frames(self.normalize(features), lengths, self.cfg.stack)
+        stacked lengths `[B]`."""
+        stacked, stacked_lengths = self.stacked(features, lengths)
         return self.input(stacked), stacked_lengths
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor, *, embedded: torch.Tensor | None = None
