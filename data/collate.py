@@ -27,6 +27,7 @@ from mm_llama.encoders.audio_features import FRAMES_PER_SECOND, N_MELS
 from mm_llama.media_tokens import MediaTokens
 
 __all__ = [
+    "AudioBatch",
     "AudioTextBatch",
     "BucketStats",
     "ImageTextBatch",
@@ -34,6 +35,7 @@ __all__ = [
     "VideoTextBatch",
     "bucket_by_duration",
     "collate_audio",
+    "collate_audio_only",
     "collate_audio_text",
     "collate_image_text",
     "collate_text",
@@ -268,6 +270,32 @@ class AudioTextBatch:
             self.feature_lengths.to(device, non_blocking=non_blocking),
             self.durations.to(device, non_blocking=non_blocking),
         )
+
+
+@dataclass
+class AudioBatch:
+    """Utterances without text (speech-encoder pretraining).
+
+    features: ``[B, F_max, 80]`` log-mel frames, zero-padded at the end.
+    feature_lengths: ``[B]`` long, real frames per row.
+    durations: ``[B]`` float32 seconds of audio (``feature_lengths / 100``).
+    """
+
+    features: Tensor
+    feature_lengths: Tensor
+    durations: Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> AudioBatch:
+        """A copy on ``device``; ``dtype`` (floating) applies to the features only."""
+        return AudioBatch(self.features.to(device=device, dtype=dtype, non_blocking=non_blocking),
+                          self.feature_lengths.to(device, non_blocking=non_blocking),
+                          self.durations.to(device, non_blocking=non_blocking))
+
+
+def collate_audio_only(pairs: Sequence[tuple[None, Tensor]]) -> AudioBatch:
+    """Collate ``(None, features [F, 80])`` pairs (no text) into an :class:`AudioBatch`."""
+    features, lengths = collate_audio([f for _, f in pairs])
+    return AudioBatch(features, lengths, lengths.float() / FRAMES_PER_SECOND)
 
 
 def collate_audio(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

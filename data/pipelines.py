@@ -54,6 +54,7 @@ from mm_llama.data.collate import (
     AudioTextBatch,
     ImageTextBatch,
     VideoTextBatch,
+    collate_audio_only,
     collate_audio_text,
     collate_image_text,
     collate_video_text,
@@ -77,6 +78,7 @@ from mm_llama.tokenizer import Tokenizer
 __all__ = [
     "AUDIO_EXTENSIONS",
     "AUDIO_TASKS",
+    "SPEECH_PRETRAIN_TASKS",
     "IMAGE_EXTENSIONS",
     "IMAGE_TASKS",
     "VIDEO_EXTENSIONS",
@@ -96,6 +98,8 @@ IMAGE_TASKS = task_names("image_text")
 caption sample, so image-caption and image-qa shards listed together train one adapter on both."""
 VIDEO_TASKS = task_names("video_text")
 AUDIO_TASKS = task_names("audio_text")
+SPEECH_PRETRAIN_TASKS = task_names("speech_pretrain")
+"""Audio only, no text (``best_rq``): batches are `AudioBatch`, no tokenizer needed."""
 
 
 
@@ -112,14 +116,18 @@ def _tokenizer(tokenizer: Tokenizer | str | os.PathLike[str]) -> Tokenizer:
     raise ValueError(f"tokenizer must be a Tokenizer or a path, got {type(tokenizer).__name__}")
 
 
-def _setup(config: LoaderConfig, tokenizer: Tokenizer | str | os.PathLike[str], media: MediaTokens | None
-           ) -> tuple[list[str], Tokenizer, MediaTokens, int]:
+def _setup(config: LoaderConfig, tokenizer: Tokenizer | str | os.PathLike[str] | None, media: MediaTokens | None
+           ) -> tuple[list[str], Tokenizer | None, MediaTokens, int]:
+    """Shard list, tokenizer, media ids and pad id of a loader (`tokenizer` None: a loader without text,
+    whose `media` is given)."""
     if not isinstance(config, LoaderConfig):
         raise ValueError(f"config must be a LoaderConfig, got {type(config).__name__}")
     urls = expand_shards(config.shards)
-    tok = _tokenizer(tokenizer)
-    media = media if media is not None else MediaTokens(tok.vocab_size)
-    media.check_tokenizer(tok)
+    tok = _tokenizer(tokenizer) if tokenizer is not None else None
+    if tok is not None:
+        media = media if media is not None else MediaTokens(tok.vocab_size)
+        media.check_tokenizer(tok)
+    assert media is not None
     _, world_size = node_info(config.rank, config.world_size)
     if not config.resampled and len(urls) < world_size * max(config.num_workers, 1):
         warnings.warn(
@@ -128,7 +136,7 @@ def _setup(config: LoaderConfig, tokenizer: Tokenizer | str | os.PathLike[str], 
             "shards or use resampled=True with samples_per_epoch",
             stacklevel=3,
         )
-    pad_id = tok.pad_id if tok.pad_id is not None else tok.eot_id
+    pad_id = 0 if tok is None else tok.pad_id if tok.pad_id is not None else tok.eot_id
     return urls, tok, media, pad_id
 
 
@@ -208,17 +216,22 @@ def audio_text_loader(
     ``language`` for ASR. Batches are `AudioTextBatch`: text ``[B, T]``, ``features [B, F_max, 80]``,
     ``feature_lengths [B]``, ``durations [B]`` seconds.
     """
-    if task not in AUDIO_TASKS:
-        raise ValueError(f"audio_text_loader task must be one of {AUDIO_TASKS}, got {task!r}")
+    if task not in AUDIO_TASKS + SPEECH_PRETRAIN_TASKS:
+        raise ValueError(f"audio_text_loader task must be one of {AUDIO_TASKS + SPEECH_PRETRAIN_TASKS}, got {task!r}")
     if isinstance(max_batch_seconds, bool) or not isinstance(max_batch_seconds, (int, float)) or not max_batch_seconds > 0:
         raise ValueError(f"max_batch_seconds must be a number > 0, got {max_batch_seconds!r}")
     if isinstance(bucket_buffer, bool) or not isinstance(bucket_buffer, int) or bucket_buffer < 1:
         raise ValueError(f"bucket_buffer must be a positive integer, got {bucket_buffer!r}")
-    urls, tok, media, pad_id = _setup(config, tokenizer, media)
+    if task in SPEECH_PRETRAIN_TASKS:  # the audio alone: no prompt, no tokenizer
+        urls, tok, media, pad_id = _setup(config, None, media or MediaTokens(0))
+        collate, collate_kwargs = collate_audio_only, {}
+    else:
+        urls, tok, media, pad_id = _setup(config, tokenizer, media)
+        collate, collate_kwargs = collate_audio_text, {"pad_id": pad_id}
     processor = _AudioProcessor(task, tok, media, config,
                                 max_batch_seconds=float(max_batch_seconds), target_language=target_language,
                                 default_language=default_language)
-    stream = _BatchStream(urls, config, processor, collate_audio_text, {"pad_id": pad_id},
+    stream = _BatchStream(urls, config, processor, collate, collate_kwargs,
                           bucket_seconds=float(max_batch_seconds), bucket_buffer=bucket_buffer)
     return Loader(stream, task)
 
@@ -232,6 +245,6 @@ def loader_for_task(
         return image_text_loader(config, tokenizer, task=task, **options)
     if task in VIDEO_TASKS:
         return video_text_loader(config, tokenizer, task=task, **options)
-    if task in AUDIO_TASKS:
+    if task in AUDIO_TASKS + SPEECH_PRETRAIN_TASKS:
         return audio_text_loader(config, tokenizer, task=task, **options)
-    raise ValueError(f"unknown task {task!r}; expected one of {IMAGE_TASKS + VIDEO_TASKS + AUDIO_TASKS}")
+    raise ValueError(f"unknown task {task!r}; expected one of {IMAGE_TASKS + VIDEO_TASKS + AUDIO_TASKS + SPEECH_PRETRAIN_TASKS}")

@@ -222,11 +222,14 @@ class _AudioProcessor(_Processor):
 
     def make(self, sample: Mapping[str, Any], source: str, recorder: StatsRecorder) -> _Item:
         ext, data = _member(sample, AUDIO_EXTENSIONS, "audio")
-        with _Timer(recorder, "decode", "bad_metadata"):
-            _, meta = _metadata(sample)
-        if sample.get("json") is None:
-            raise _Skip("missing_field", "audio samples need KEY.json (text, language, optional translation)")
-        fields = self.fields(meta)
+        prompted = get_task(self.task).prompted  # speech-encoder pretraining reads the audio only
+        fields: dict[str, Any] = {}
+        if prompted:
+            with _Timer(recorder, "decode", "bad_metadata"):
+                _, meta = _metadata(sample)
+            if sample.get("json") is None:
+                raise _Skip("missing_field", "audio samples need KEY.json (text, language, optional translation)")
+            fields = self.fields(meta)
         with _Timer(recorder, "decode", "decode_audio"):
             wave = decode_audio(data, f"{source}.{ext}", SAMPLE_RATE)
         with _Timer(recorder, "transform", "transform"):
@@ -239,6 +242,8 @@ class _AudioProcessor(_Processor):
                 f"{seconds:.2f} s of audio is more than max_batch_seconds={self.max_batch_seconds:g}; "
                 "raise the budget or cut long utterances",
             )
+        if not prompted:
+            return _Item(pair=(None, features), source=source, seconds=seconds)
         fields["n_speech_tokens"] = speech_token_count(frames)
         example = self.tokenize(recorder, fields)
         return _Item(pair=(example, features), source=source, seconds=seconds)

@@ -12,6 +12,7 @@ task               family          modality  user turn / system turn            
 ``video_qa``       video_text      video     ``question``                         ``answer``
 ``asr``            audio_text      speech    system: Repeat after me in {lang}:   ``text`` (`read_transcript`)
 ``ast``            audio_text      speech    system: Translate … into {lang}:     ``translation`` (`read_translation`)
+``best_rq``        speech_pretrain speech    the audio only (KEY.flac / …; no text needed)
 ``lm``             text            —         packed documents (KEY.txt / corpus files)
 ``contrastive``    contrastive     image     image–caption pairs (`read_caption`)
 =================  ==============  ========  ===================================  =================================
@@ -37,7 +38,7 @@ DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
 DEFAULT_VIDEO_PROMPT = "Describe this video in one sentence."
 """Instruction of the ``video_caption`` task."""
 
-FAMILIES = ("image_text", "video_text", "audio_text", "text", "contrastive")
+FAMILIES = ("image_text", "video_text", "audio_text", "speech_pretrain", "text", "contrastive")
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ _SPECS = (
     TaskSpec("ast", "audio_text", "speech", ("speech",), "translation",
              system_template="Translate the following sentence into {}:", system_field="target_language",
              reader=read_translation),
+    TaskSpec("best_rq", "speech_pretrain", "speech", ("speech",)),
     TaskSpec("lm", "text", None, ("text",)),
     TaskSpec("contrastive", "contrastive", "image", ("image-caption",), reader=read_caption),
 )

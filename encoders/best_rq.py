@@ -15,6 +15,7 @@ resume, whatever the global RNG did. Targets come from the unmasked input, so th
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_llama.encoders.conformer import ConformerEncoder
+from mm_llama.trainable import train_only
 
 __all__ = ["BestRqConfig", "BestRqModel", "RandomProjectionQuantizer", "span_mask"]
 
@@ -92,6 +94,21 @@ class BestRqModel(nn.Module):
         self.encoder = encoder
         self.quantizer = RandomProjectionQuantizer(encoder.cfg.stack * encoder.cfg.n_mels, cfg)
         self.heads = nn.Linear(encoder.out_dim, cfg.n_codebooks * cfg.codebook_size)
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """`speech.encoder` (the Conformer, named as in the speech stages that start from it) and
+        `best_rq.heads` (the prediction heads); the quantizer has no parameters."""
+        groups: dict[str, dict[str, nn.Parameter]] = {"speech.encoder": {}, "best_rq.heads": {}}
+        for name, p in self.named_parameters():
+            groups["speech.encoder" if name.startswith("encoder.") else "best_rq.heads"][name] = p
+        return groups
+
+    def group_names(self) -> tuple[str, ...]:
+        return tuple(self.parameter_groups())
+
+    def set_trainable(self, groups: Iterable[str]) -> None:
+        """Train exactly `groups` (of `group_names()`); everything else is frozen."""
+        train_only(self.parameter_groups(), groups)
 
     def targets(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Code indices `[B, S, n_codebooks]` of the unmasked, normalised, stacked features."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
 from mm_llama.checkpoints.files import iter_safetensors
@@ -38,6 +39,7 @@ from mm_llama.checkpoints.state_dict import CheckpointError
 from mm_llama.config import LlamaConfig, RopeScaling, preset
 from mm_llama.model import LlamaDecoder
 from mm_llama.data.tasks import TASKS
+from mm_llama.modalities.speech import speech_configs
 from mm_llama.multimodal import DECODER_GROUP, MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.train.recipe import RecipeConfig, RecipeError
@@ -340,9 +342,60 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
     if model_cfg.encoder_checkpoint:
         load_encoder_checkpoint(model, model_cfg.encoder_checkpoint)
     loaded = load_adapter_weights(model, model_cfg.init_runs()) if model_cfg.init_from else []
-    if "speech" in model.modality_names and not any(_holds_speech(f) for f in loaded):
+    if "speech" in model.modality_names and model_cfg.speech.get("encoder_checkpoint"):
+        load_speech_encoder(model.speech.encoder, model_cfg.speech["encoder_checkpoint"])
+        if loaded:  # weights from init_from come after the pretrained encoder
+            load_adapter_weights(model, model_cfg.init_runs())
+    elif "speech" in model.modality_names and not any(_holds_speech(f) for f in loaded):
         set_speech_feature_stats(model, cfg)
     model.set_trainable(trained)
+    model.train()
+    return model
+
+
+SPEECH_ENCODER_FILE = "speech_encoder.safetensors"  # what a BEST-RQ run exports
+
+
+def load_speech_encoder(encoder: nn.Module, path: str | Path) -> Path:
+    """A BEST-RQ run's Conformer (`path`: its `speech_encoder.safetensors` or run directory), feature
+    statistics included; the shapes must match `model.speech.encoder`."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / SPEECH_ENCODER_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"model.speech.encoder_checkpoint {path} holds no {SPEECH_ENCODER_FILE}; has the "
+                                "BEST-RQ run (speech_bestrq / tiny_speech_bestrq) finished?")
+    result = encoder.load_state_dict(_read_tensors(file), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RecipeError(f"model.speech.encoder_checkpoint {file} does not fit model.speech.encoder: missing "
+                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return file
+
+
+def build_speech_encoder(cfg: RecipeConfig, tokenizer: Tokenizer | None = None) -> nn.Module:
+    """`model.kind: speech_encoder`: a Conformer (`model.speech.encoder`, optionally from
+    `model.speech.encoder_checkpoint`) inside a `BestRqModel` (`model.speech.best_rq`)."""
+    from mm_llama.encoders.best_rq import BestRqConfig, BestRqModel
+    from mm_llama.encoders.conformer import ConformerEncoder
+
+    m = cfg.model
+    if m.base_lm or m.init_from:
+        raise RecipeError("model.kind=speech_encoder pretrains a Conformer alone: remove model.base_lm / "
+                          "model.init_from (continue an encoder with model.speech.encoder_checkpoint)")
+    speech = dict(m.speech)
+    try:
+        encoder_cfg, _ = speech_configs(speech)
+        best_rq = BestRqConfig(**dict(speech.get("best_rq") or {}))
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"model.speech: {err}") from err
+    torch.manual_seed(cfg.train.seed)
+    encoder = ConformerEncoder(encoder_cfg)
+    if speech.get("encoder_checkpoint"):
+        load_speech_encoder(encoder, speech["encoder_checkpoint"])
+    else:
+        encoder.set_feature_stats(*_shard_feature_stats(cfg))
+    model = BestRqModel(encoder, best_rq)
+    model.set_trainable(m.trainable_groups(model.group_names()))
     model.train()
     return model
 
@@ -354,18 +407,23 @@ def _holds_speech(file: Path) -> bool:
 def set_speech_feature_stats(model: MultimodalLlama, cfg: RecipeConfig) -> None:
     """A fresh speech encoder normalises with the log-mel statistics of the training shards (up to 256
     utterances; stored with the encoder, so evaluation and inference normalise the same way)."""
+    model.speech.encoder.set_feature_stats(*_shard_feature_stats(cfg))
+
+
+def _shard_feature_stats(cfg: RecipeConfig) -> tuple[torch.Tensor, torch.Tensor]:
     from mm_llama.data.audio_stats import log_mel_stats
 
     try:
         mean, std, _ = log_mel_stats(list(cfg.data.shards))
     except (ValueError, FileNotFoundError) as err:
         raise RecipeError(f"data.shards: {err}") from err
-    model.speech.encoder.set_feature_stats(mean, std)
+    return mean, std
 
 
 __all__ = [
     "ENCODER_FILE", "MODEL_DIR", "TOKENIZER_FILES", "adapter_weights_of", "build_llama", "build_multimodal",
     "check_data_geometry", "encoder_weights_file", "init_fusion_gates", "lm_checkpoint_dir", "load_adapter_weights",
+    "SPEECH_ENCODER_FILE", "build_speech_encoder", "load_speech_encoder",
     "load_encoder_checkpoint", "load_recipe_tokenizer", "modality_fields", "model_modalities",
     "set_speech_feature_stats", "text_config", "tokenizer_dir_for", "vision_fields",
 ]

@@ -22,8 +22,9 @@ class RecipeError(ValueError):
 class ModelConfig:
     """What is built and what trains.
 
-    `kind`: `multimodal` (frozen LM + image encoder + fusion) or `llama` (a plain decoder, for
-    pretraining tiny LMs). `base_lm`: the Llama checkpoint directory (HF or Meta) the fusion attaches
+    `kind`: `multimodal` (frozen LM + modalities), `llama` (a plain decoder, for pretraining tiny LMs)
+    or `speech_encoder` (a Conformer alone, for BEST-RQ pretraining: `model.speech.encoder` and
+    `model.speech.best_rq`, the quantizer and masking settings of `encoders.best_rq.BestRqConfig`). `base_lm`: the Llama checkpoint directory (HF or Meta) the fusion attaches
     to. `text`: a `mm_llama.preset` name or `LlamaConfig` fields, for an LM built from scratch.
     `encoder` / `vision`: the image encoder family and its config fields. `encoder_checkpoint`: a
     pretrained encoder's weights. `init_from`: a run or export whose adapter weights start this stage
@@ -39,12 +40,13 @@ class ModelConfig:
     frozen. A `llama` model has the one group `decoder`, which always trains. `modalities`: what the
     model reads (`image`, `speech`; null = the modality of `data.task`); `speech`: the speech modality's
     `encoder` and `adapter` (a preset name, `tiny` or `paper`, or a mapping of fields with an optional
-    `preset`). `contrastive`: settings of
+    `preset`), `encoder_checkpoint` (a BEST-RQ run or its `speech_encoder.safetensors`: the Conformer
+    to start from) and `best_rq`. `contrastive`: settings of
     contrastive image-encoder pretraining (`data.task: contrastive`; see `train.contrastive`):
     `embed_dim`, `pool` (cls | mean), `init_temperature`, `max_logit_scale`.
     """
 
-    kind: Literal["multimodal", "llama"] = "multimodal"
+    kind: Literal["multimodal", "llama", "speech_encoder"] = "multimodal"
     base_lm: str | None = None
     text: str | dict[str, Any] | None = None
     encoder: Literal["mllama", "timm"] = "mllama"

@@ -73,12 +73,13 @@ def packed_text_source(cfg: RecipeConfig, lm_cfg: LlamaConfig, tokenizer: Tokeni
                                        allow_special=bool(cfg.data.options.get("allow_special", False))))
 
 
-def task_loader_source(cfg: RecipeConfig, task: str, tokenizer: Tokenizer, lm_cfg: LlamaConfig, shards: list[str], *,
+def task_loader_source(cfg: RecipeConfig, task: str, tokenizer: Tokenizer | None, lm_cfg: LlamaConfig | None,
+                       shards: list[str], *,
                        rank: int, world_size: int, evaluation: bool, tile_size: int = 560,
                        max_tiles: int = 4) -> LoaderSource:
     """The webdataset loader of `task` over `shards`, tiling images as the encoder expects (`tile_size`,
     `max_tiles`; unused by audio); an evaluation source reads in order, every sample once, the same on
-    every rank."""
+    every rank. `tokenizer` and `lm_cfg` are None for a task without text (`best_rq`)."""
     d = cfg.data
     loader_cfg = LoaderConfig(
         shards=shards, batch_size=d.batch_size, num_workers=d.num_workers,
@@ -86,18 +87,20 @@ def task_loader_source(cfg: RecipeConfig, task: str, tokenizer: Tokenizer, lm_cf
         samples_per_epoch=None if evaluation else d.samples_per_epoch,
         shuffle=d.shuffle and not evaluation, shuffle_buffer=d.shuffle_buffer, rank=rank, world_size=world_size,
         max_skip_fraction=d.max_skip_fraction, min_samples_before_check=d.min_samples_before_check,
-        tile_size=tile_size, max_tiles=max_tiles, max_seq_len=d.max_seq_len or lm_cfg.max_seq_len,
+        tile_size=tile_size, max_tiles=max_tiles,
+        max_seq_len=d.max_seq_len or (lm_cfg.max_seq_len if lm_cfg is not None else None),
         drop_last=d.drop_last and not evaluation, prefetch_factor=d.prefetch_factor, check_tars=d.check_tars,
     )
     options = dict(d.options)
     if d.prompt is not None:
         options["prompt"] = d.prompt
-    if d.max_batch_seconds is not None and TASKS[task].family == "audio_text":
+    if d.max_batch_seconds is not None and TASKS[task].modality == "speech":
         options["max_batch_seconds"] = d.max_batch_seconds
     with warnings.catch_warnings():
         if evaluation:
             warnings.simplefilter("ignore")  # one process reads every eval shard: the few-shards warning is moot
-        loader = loader_for_task(task, loader_cfg, tokenizer, media=MediaTokens(lm_cfg.vocab_size), **options)
+        media = MediaTokens(lm_cfg.vocab_size) if lm_cfg is not None else None
+        loader = loader_for_task(task, loader_cfg, tokenizer, media=media, **options)
     return LoaderSource(loader)
 
 

@@ -6,6 +6,7 @@ stage          model.kind  data.task (family)      builds                       
 ``lm``         llama       lm (text)               a `LlamaDecoder`, all trained    ``model/`` (HF + tokenizer)
 ``contrastive`` multimodal contrastive             ViT vs frozen LM (`train.contrastive`)  ``encoder.safetensors``
 ``adapter``    multimodal  caption, vqa, … (image_text)  frozen LM + modalities     ``adapter.safetensors``
+``best_rq``    speech_encoder  best_rq (speech_pretrain)  Conformer + BEST-RQ heads  ``speech_encoder.safetensors``
 =============  ==========  ======================  ===============================  ==========================
 
 The trainer asks the run's stage for each of these instead of switching on its kind; a new stage (say
@@ -32,8 +33,8 @@ from mm_llama.fusion import fusion_schedule
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.modalities.speech import speech_configs
 from mm_llama.train.build import (
-    ENCODER_FILE, MODEL_DIR, TOKENIZER_FILES, build_llama, build_multimodal, lm_checkpoint_dir, load_recipe_tokenizer,
-    model_modalities, vision_fields,
+    ENCODER_FILE, MODEL_DIR, SPEECH_ENCODER_FILE, TOKENIZER_FILES, build_llama, build_multimodal, build_speech_encoder,
+    lm_checkpoint_dir, load_recipe_tokenizer, model_modalities, vision_fields,
 )
 from mm_llama.train.recipe import RecipeConfig, RecipeError
 from mm_llama.train.sources import EpochSource, packed_text_source, task_loader_source
@@ -45,9 +46,9 @@ class Built:
     tokenizer files live (copied next to the exports) and the stage's name."""
 
     model: nn.Module
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for a stage that reads no text
     tokenizer_dir: Path | None
-    kind: str  # a STAGES name: "lm" | "contrastive" | "adapter"
+    kind: str  # a STAGES name: "lm" | "contrastive" | "adapter" | "best_rq"
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class Stage:
     trains on; `product`: what it exports, relative to the run directory. `build(cfg, tokenizer)`: the
     model with its trainable set declared; `source(cfg, built, shards, rank, world_size, evaluation)`:
     its batches; `frozen_lm(model)`: the LM that FSDP may shard (None: the stage trains its LM);
-    `export_state(model)`: the tensors it exports; `export(model, run_dir, built, step)`: write them.
+    `export_state(model)`: the tensors it exports; `export(model, run_dir, built, step)`: write them;
+    `needs_tokenizer`: False for a stage that reads no text (BEST-RQ).
     """
 
     name: str
@@ -70,6 +72,7 @@ class Stage:
     frozen_lm: Callable[[nn.Module], nn.Module] | None
     export_state: Callable[[nn.Module], dict[str, torch.Tensor]]
     export: Callable[[nn.Module, Path, Built, int], Path]
+    needs_tokenizer: bool = True
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -147,14 +150,32 @@ def _adapter_export(model: nn.Module, run_dir: Path, built: Built, step: int) ->
     return export
 
 
+# ------------------------------------------------------------------------------------------ best_rq
+def _best_rq_source(cfg: RecipeConfig, built: Built, shards: list[str], *, rank: int, world_size: int,
+                    evaluation: bool = False) -> EpochSource:
+    return task_loader_source(cfg, cfg.data.task, None, None, shards, rank=rank, world_size=world_size,
+                              evaluation=evaluation)
+
+
+def _best_rq_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.encoder.state_dict().items()}
+
+
+def _best_rq_export(model: nn.Module, run_dir: Path, built: Built, step: int) -> Path:
+    metadata = {"format": "pt", "step": str(step)}
+    return atomic_write(run_dir / SPEECH_ENCODER_FILE, safetensors_bytes(_best_rq_state(model), metadata=metadata))
+
+
 STAGES: dict[str, Stage] = {
     "lm": Stage("lm", "llama", ("text",), MODEL_DIR, build_llama, _lm_source, None,
                 lambda model: model.state_dict(), _lm_export),
     "contrastive": Stage("contrastive", "multimodal", ("contrastive",), ENCODER_FILE, _build_contrastive,
                          _contrastive_source, lambda model: model.lm, lambda model: model.encoder.state_dict(),
                          _contrastive_export),
-    "adapter": Stage("adapter", "multimodal", ("image_text", "audio_text"), ADAPTER_FILE, build_multimodal, _adapter_source,
-                     lambda model: model.decoder, _adapter_state, _adapter_export),
+    "adapter": Stage("adapter", "multimodal", ("image_text", "audio_text"), ADAPTER_FILE, build_multimodal,
+                     _adapter_source, lambda model: model.decoder, _adapter_state, _adapter_export),
+    "best_rq": Stage("best_rq", "speech_encoder", ("speech_pretrain",), SPEECH_ENCODER_FILE, build_speech_encoder,
+                     _best_rq_source, None, _best_rq_state, _best_rq_export, needs_tokenizer=False),
 }
 
 
@@ -169,7 +190,10 @@ def stage_for(cfg: RecipeConfig) -> Stage:
     if stage.model_kind != kind:
         if stage.model_kind == "llama":
             raise RecipeError(f"data.task={task!r} trains a plain LM: set model.kind=llama (got {kind!r})")
-        raise RecipeError(f"model.kind=llama trains on text only: set data.task=lm (got {task!r})")
+        if kind == "llama":
+            raise RecipeError(f"model.kind=llama trains on text only: set data.task=lm (got {task!r})")
+        raise RecipeError(f"data.task={task!r} is a {stage.name} stage: set model.kind={stage.model_kind} "
+                          f"(got {kind!r})")
     return stage
 
 
@@ -188,8 +212,14 @@ def resolve_recipe(cfg: RecipeConfig) -> RecipeConfig:
     changes: dict[str, Any] = {}
     if model.base_lm:
         changes["base_lm"] = str(lm_checkpoint_dir(model.base_lm).resolve())
-    if stage.name != "lm":
+    if stage.name in ("contrastive", "adapter"):
         changes["vision"] = vision_fields(cfg)
+    if stage.name == "best_rq":
+        try:
+            encoder, _ = speech_configs(dict(model.speech))
+        except ValueError as err:
+            raise RecipeError(str(err)) from err
+        changes["speech"] = {**dict(model.speech), "encoder": dataclasses.asdict(encoder)}
     if stage.name == "adapter":
         changes["modalities"] = model_modalities(cfg)
         if "speech" in changes["modalities"]:
@@ -197,7 +227,8 @@ def resolve_recipe(cfg: RecipeConfig) -> RecipeConfig:
                 encoder, adapter = speech_configs(dict(model.speech))
             except ValueError as err:
                 raise RecipeError(str(err)) from err
-            changes["speech"] = {"encoder": dataclasses.asdict(encoder), "adapter": dataclasses.asdict(adapter)}
+            changes["speech"] = {**dict(model.speech), "encoder": dataclasses.asdict(encoder),
+                                 "adapter": dataclasses.asdict(adapter)}
     if stage.name == "adapter" and model.base_lm and "image" in changes["modalities"]:
         n_layers = llama_config_from_dir(lm_checkpoint_dir(model.base_lm)).n_layers
         changes["fusion_layers"] = list(model.fusion_layers) or fusion_schedule(n_layers, max(1, n_layers // 4))
@@ -211,7 +242,7 @@ def resolve_recipe(cfg: RecipeConfig) -> RecipeConfig:
 def build(cfg: RecipeConfig) -> Built:
     """The recipe's model (CPU, fp32, trainable set declared) and tokenizer."""
     stage = stage_for(cfg)
-    tokenizer, tok_dir = load_recipe_tokenizer(cfg)
+    tokenizer, tok_dir = load_recipe_tokenizer(cfg) if stage.needs_tokenizer else (None, None)
     return Built(model=stage.build(cfg, tokenizer), tokenizer=tokenizer, tokenizer_dir=tok_dir, kind=stage.name)
 
 

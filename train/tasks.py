@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm_llama.adapters.speech_adapter import ENCODER_STACK
 from mm_llama.data.prompts import IGNORE_INDEX
 from mm_llama.data.tasks import TASKS
 
@@ -142,6 +143,26 @@ class AudioTextTask(ImageTextTask):
         return {"speech": batch}
 
 
+class BestRqTask(Task):
+    """Speech-encoder pretraining (`AudioBatch`) through a `BestRqModel`. The units are the real 40 ms
+    steps (known before the forward pass, which draws the mask); each batch's masked-step cross-entropy is
+    scaled to them, so the logged loss is the mean cross-entropy on masked steps."""
+
+    name = "speech_pretrain"
+
+    def units(self, batch: Any) -> int:
+        return int((-(-batch.feature_lengths // ENCODER_STACK)).sum())
+
+    def step(self, model: nn.Module, batch: Any) -> StepResult:
+        out = model(batch.features, batch.feature_lengths)
+        units = self.units(batch)
+        masked = int(out["masked"])
+        loss = out["loss_sum"] * (units / masked) if masked else out["loss_sum"] * 0.0
+        return StepResult(loss, units, units, int(batch.features.shape[0]),
+                          {"accuracy": float(out["accuracy"]), "perplexity": float(out["perplexity"]),
+                           "masked_fraction": masked / max(units, 1)})
+
+
 class ContrastiveTask(Task):
     """Image–caption pairs (`ImageTextBatch`) through a `ContrastiveModel`; loss = InfoNCE × samples."""
 
@@ -161,7 +182,8 @@ class ContrastiveTask(Task):
 
 
 TASK_FAMILIES: dict[str, Callable[..., Task]] = {
-    "text": LMTask, "image_text": ImageTextTask, "audio_text": AudioTextTask, "contrastive": ContrastiveTask,
+    "text": LMTask, "image_text": ImageTextTask, "audio_text": AudioTextTask, "speech_pretrain": BestRqTask,
+    "contrastive": ContrastiveTask,
 }
 """The step function of each task family (`mm_llama.data.tasks`) that can train yet."""
 
@@ -177,6 +199,6 @@ def task_for(name: str, device: torch.device, precision: str = "auto") -> Task:
 
 
 __all__ = [
-    "AudioTextTask", "ContrastiveTask", "ImageTextTask", "LMTask", "StepResult", "TASK_FAMILIES", "Task", "autocast",
+    "AudioTextTask", "BestRqTask", "ContrastiveTask", "ImageTextTask", "LMTask", "StepResult", "TASK_FAMILIES", "Task", "autocast",
     "label_count", "shifted_cross_entropy", "task_for",
 ]

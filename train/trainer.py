@@ -36,7 +36,8 @@ What a run does, in order:
    names them), and a run whose last step had a non-finite loss ends with an error, not an export.
 8. Exports (each stage's product): `lm` → `RUN/model/` (HF layout + tokenizer files); `adapter` →
    `RUN/adapter.safetensors` (+ tokenizer files), so `load_multimodal(RUN)` works; the contrastive
-   stage → `RUN/encoder.safetensors` (a timm backbone state dict).
+   stage → `RUN/encoder.safetensors` (a timm backbone state dict); `best_rq` →
+   `RUN/speech_encoder.safetensors` (the Conformer, which `model.speech.encoder_checkpoint` loads).
 """
 
 from __future__ import annotations
@@ -284,8 +285,8 @@ class Trainer:
             compile_blocks(model)
         if cfg.distributed.fsdp_frozen_lm and self.ctx.is_distributed:
             if self.stage.frozen_lm is None:
-                raise RecipeError(f"distributed.fsdp_frozen_lm shards a frozen LM, but the {self.stage.name} stage "
-                                  "trains its LM; set distributed.fsdp_frozen_lm=false")
+                raise RecipeError(f"distributed.fsdp_frozen_lm shards a frozen LM, but the {self.stage.name} stage has "
+                                  "none (it trains its LM, or has no LM); set distributed.fsdp_frozen_lm=false")
             shard_frozen_lm(self.stage.frozen_lm(model), self.ctx)
         self.wrapped = wrap_trainable(model, self.ctx, find_unused_parameters=cfg.distributed.find_unused_parameters)
         self.optimizer = build_optimizer(model, cfg.optim)

@@ -93,10 +93,11 @@ def _config_from(value: Any, presets: dict[str, Any], cls: type, what: str) -> A
 
 def speech_configs(fields: dict[str, Any]) -> tuple[ConformerConfig, SpeechAdapterConfig]:
     """`{encoder: PRESET | {fields}, adapter: PRESET | {fields}}` (a recipe's `model.speech`; both default
-    to `tiny`) → the encoder and adapter configs."""
-    unknown = sorted(set(fields) - {"encoder", "adapter"})
+    to `tiny`) → the encoder and adapter configs. (`encoder_checkpoint` and `best_rq` are the stages'.)"""
+    unknown = sorted(set(fields) - {"encoder", "adapter", "encoder_checkpoint", "best_rq"})
     if unknown:
-        raise ValueError(f"model.speech: unknown key(s) {unknown}; it takes encoder and adapter")
+        raise ValueError(f"model.speech: unknown key(s) {unknown}; it takes encoder, adapter, encoder_checkpoint "
+                         "and best_rq")
     return (_config_from(fields.get("encoder"), CONFORMER_PRESETS, ConformerConfig, "model.speech.encoder"),
             _config_from(fields.get("adapter"), SPEECH_ADAPTER_PRESETS, SpeechAdapterConfig, "model.speech.adapter"))
 
