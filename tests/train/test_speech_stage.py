@@ -72,3 +72,47 @@ def test_the_export_holds_speech_weights_only_and_loads_back(speech_run) -> None
         expected = model(text.input_ids, media={"speech": batch}, attention_mask=text.attention_mask)
         got = loaded(text.input_ids, media={"speech": batch}, attention_mask=text.attention_mask)
     assert torch.equal(got, expected)
+
+
+def test_an_image_run_and_a_speech_run_load_onto_one_lm(speech_run, assets: Assets,  # noqa: F811
+                                                         tmp_path: Path) -> None:
+    from mm_llama.checkpoints.multimodal_loading import modalities_from_fields, read_adapter_run_config
+    from mm_llama.data.prompts import build_example
+    from mm_llama.media_tokens import MediaTokens
+    from mm_llama.multimodal import MultimodalLlama
+    from mm_llama.train.build import load_adapter_weights
+    from tests.train.test_adapter_union import _images
+    from tests.train.test_trainer_setup import mm_overrides
+
+    speech_result, speech_cfg = speech_run
+    image_dir = tmp_path / "image-run"
+    run_training(load_recipe("tiny_vision_pretrain", mm_overrides(assets, steps=2)), image_dir)
+    lm = load_llama(assets.base_lm)
+    fields = {**read_adapter_run_config(image_dir), "modalities": ["image", "speech"],
+              "speech": read_adapter_run_config(speech_result.run_dir)["speech"]}
+    both = MultimodalLlama(lm, modalities_from_fields(lm.cfg, fields)).eval()
+    load_adapter_weights(both, [image_dir, speech_result.run_dir])
+
+    from mm_llama.train.build import load_recipe_tokenizer
+    from mm_llama.train.stages import Built
+
+    tok, tok_dir = load_recipe_tokenizer(speech_cfg)
+    source = make_source(speech_cfg, Built(speech_result.model, tok, tok_dir, "adapter"),
+                         list(speech_cfg.data.shards), rank=0, world_size=1, evaluation=True)
+    audio = next(source.iter_epoch(0, 0))
+    media = MediaTokens(lm.cfg.vocab_size)
+    image_tokens = torch.tensor([[1, media.image, 5, 9, 7]])
+    with torch.no_grad():
+        assert torch.equal(both(image_tokens, images=_images(1)),
+                           load_multimodal(image_dir)(image_tokens, images=_images(1)))
+        text = audio.text
+        assert torch.equal(both(text.input_ids, media={"speech": audio}, attention_mask=text.attention_mask),
+                           load_multimodal(speech_result.run_dir)(text.input_ids, media={"speech": audio},
+                                                                  attention_mask=text.attention_mask))
+        # one prompt with an image and a spoken question: the image token first, then the speech span
+        spoken = build_example(tok, media, "asr", {"text": "x", "language": "en",
+                                                   "n_speech_tokens": int((text.input_ids[0] == media.speech).sum())})
+        ids = [spoken.input_ids[0], media.image] + spoken.input_ids[1:]
+        one = type(audio)(audio.text, audio.features[:1], audio.feature_lengths[:1], audio.durations[:1])
+        logits = both(torch.tensor([ids]), media={"image": _images(2), "speech": one})
+    assert torch.isfinite(logits).all()
