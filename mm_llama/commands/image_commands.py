@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from mm_llama.commands.device import add_device_options, resolve_device
+from mm_llama.commands.results import print_results
 from mm_llama.generation import GenerationConfig
 from mm_llama.image_chat import DEFAULT_CAPTION_PROMPT, ImageAnswer, answer_images, load_image_model
 
@@ -49,20 +48,8 @@ def _generation(args: argparse.Namespace, tokenizer) -> GenerationConfig:
 
 
 def _report(results: list[ImageAnswer], args: argparse.Namespace, field: str, extra: dict | None = None) -> int:
-    failed = 0
-    for r in results:
-        if r.error is not None:
-            failed += 1
-            print(f"mm-llama {args.command}: skipped {r.source}: {r.error}", file=sys.stderr)
-            if args.json:
-                print(json.dumps({"image": r.source, "error": r.error, **(extra or {})}))
-        elif args.json:
-            print(json.dumps({"image": r.source, field: r.text, **(extra or {})}))
-        else:
-            print(f"{r.source}: {r.text}" if len(results) > 1 else r.text)
-    if failed:
-        print(f"mm-llama {args.command}: {failed} of {len(results)} image(s) could not be read", file=sys.stderr)
-    return 1 if failed else 0
+    return print_results(args.command, results, as_json=args.json, source_key="image", noun="image",
+                         fields=lambda r: {field: r.text}, extra=extra)
 
 
 def run_caption(args: argparse.Namespace) -> int:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from mm_llama.commands.device import add_device_options, resolve_device
+from mm_llama.commands.results import print_results
 from mm_llama.data.prompts import language_name
 from mm_llama.generation import GenerationConfig
 from mm_llama.image_chat import load_image_model
@@ -56,17 +55,5 @@ def run_transcribe(args: argparse.Namespace) -> int:
 
 
 def _report(results: list[SpeechAnswer], args: argparse.Namespace) -> int:
-    failed = 0
-    for r in results:
-        if r.error is not None:
-            failed += 1
-            print(f"mm-llama {args.command}: skipped {r.source}: {r.error}", file=sys.stderr)
-            if args.json:
-                print(json.dumps({"file": r.source, "error": r.error}))
-        elif args.json:
-            print(json.dumps({"file": r.source, "text": r.text, "windows": r.windows}))
-        else:
-            print(f"{r.source}: {r.text}" if len(results) > 1 else r.text)
-    if failed:
-        print(f"mm-llama {args.command}: {failed} of {len(results)} file(s) could not be read", file=sys.stderr)
-    return 1 if failed else 0
+    return print_results(args.command, results, as_json=args.json, source_key="file", noun="file",
+                         fields=lambda r: {"text": r.text, "windows": r.windows})
