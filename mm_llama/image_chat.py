@@ -65,6 +65,9 @@ def answer_images(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     names = list(names) if names is not None else [str(i) if not isinstance(i, (str, Path)) else str(i) for i in images]
+    if "image" not in getattr(model, "modality_names", ()):
+        raise ValueError(f"this model reads {list(getattr(model, 'modality_names', []))}, not images; caption and vqa "
+                         "need a model with an image modality (for speech use transcribe / translate)")
     vision = model.image.vision_cfg
     transform = ImageTransform(tile_size=vision.tile_size, max_tiles=vision.max_tiles)
     device = next(model.parameters()).device

@@ -84,3 +84,12 @@ def test_translate_prompts_for_the_target_language(speech_run: Path, tmp_path: P
     text = tok.decode([t for t in prompts[0] if t < tok.vocab_size])
     assert "Translate the following sentence into French:" in text
     assert sum(t == tok.vocab_size + 4 for t in prompts[0]) == 13  # 1 s of audio: 13 <speech> placeholders
+
+
+def test_caption_on_a_speech_model_says_what_the_model_reads(speech_run: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    assert main(["caption", "--model", str(speech_run), str(tmp_path / "x.png"), "--device", "cpu"]) == 2
+    assert "this model reads ['speech'], not images" in capsys.readouterr().err
