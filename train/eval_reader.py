@@ -39,10 +39,12 @@ from PIL import Image
 
 from webdataset.tariterators import tar_file_expander, url_opener
 
-from mm_llama.data.decoders import DecodeError, decode_image
+from mm_llama.data.decoders import DecodeError, decode_audio, decode_image
+from mm_llama.data.sample_processors import AUDIO_EXTENSIONS
 from mm_llama.data.json_limits import JSONLimitError, loads_limited
 from mm_llama.data.shard_source import expand_shards
 from mm_llama.data.tar_check import inspect_tar_file
+from mm_llama.encoders.audio_features import SAMPLE_RATE
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -142,6 +144,8 @@ class EvalShardReader:
     Args:
         shards: what :func:`expand_eval_shards` accepts.
         warn: issue a :class:`CorruptSampleWarning` for each skipped sample / damaged shard.
+        media: ``image`` (samples carry a decoded RGB ``image``) or ``audio`` (a 16 kHz mono waveform
+            ``audio [S]``, from any audio member soundfile reads; stereo mixed down).
 
     Attributes:
         urls: the shard paths, in reading order.
@@ -150,7 +154,11 @@ class EvalShardReader:
         samples_skipped: entries of ``skipped`` that are samples (not damaged shards).
     """
 
-    def __init__(self, shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, warn: bool = True) -> None:
+    def __init__(self, shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, warn: bool = True,
+                 media: str = "image") -> None:
+        if media not in ("image", "audio"):
+            raise ValueError(f"media must be 'image' or 'audio', got {media!r}")
+        self.media = media
         self.urls = expand_eval_shards(shards)
         self.warn = warn
         self.skipped: list[SkippedSample] = []
@@ -221,9 +229,10 @@ class EvalShardReader:
         if repeated:
             self.skip(url, key, f"member(s) {', '.join(f'{key}.{e}' for e in repeated)} occur more than once")
             return None
-        ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
+        extensions = IMAGE_EXTENSIONS if self.media == "image" else AUDIO_EXTENSIONS
+        ext = next((e for e in extensions if e in group), None)
         if ext is None:
-            self.skip(url, key, f"no image member (expected KEY.{{{','.join(IMAGE_EXTENSIONS)}}}); "
+            self.skip(url, key, f"no {self.media} member (expected KEY.{{{','.join(extensions)}}}); "
                                 f"the sample has {sorted(group)}")
             return None
         meta: Any = {}
@@ -245,9 +254,10 @@ class EvalShardReader:
                 return None
         name = f"{url}:{key}.{ext}"
         try:
-            image: Image.Image = decode_image(group[ext], name)
+            decoded: Image.Image | Any = (decode_image(group[ext], name) if self.media == "image"
+                                          else decode_audio(group[ext], name, SAMPLE_RATE))
         except DecodeError as e:
             self.skip(url, key, e.reason)
             return None
         self.samples_read += 1
-        return {"key": key, "shard": url, "image": image, "image_name": name, "json": meta, "txt": text}
+        return {"key": key, "shard": url, self.media: decoded, f"{self.media}_name": name, "json": meta, "txt": text}

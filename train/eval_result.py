@@ -20,9 +20,10 @@ __all__ = ["EvalResult", "check_result_path", "format_metrics", "write_result"]
 class EvalResult:
     """The outcome of :func:`evaluate`.
 
-    task: ``caption`` or ``vqa``.
+    task: ``caption``, ``vqa``, ``asr`` or ``ast``.
     metrics: ``caption``: ``cider``, ``exact_match``; ``vqa``: ``vqa_accuracy``, ``exact_match``,
-        ``majority_baseline`` (all in [0, 1] except CIDEr, which is ≥ 0).
+        ``majority_baseline`` (all in [0, 1] except CIDEr, which is ≥ 0); ``asr``: ``wer`` (a fraction,
+        may exceed 1); ``ast``: ``bleu`` (0-100).
     by_type: ``vqa`` only: per question type, ``{"samples", "vqa_accuracy", "majority_baseline",
         "majority_answer"}``.
     counts: ``samples`` (evaluated), ``skipped_samples`` (samples skipped: undecodable, missing
@@ -118,12 +119,15 @@ _METRIC_LABELS = {
     "exact_match": "exact match",
     "vqa_accuracy": "VQA accuracy",
     "majority_baseline": "majority-answer baseline",
+    "wer": "WER (Whisper-normalised)",
+    "bleu": "BLEU (sacreBLEU)",
 }
+_PLAIN_METRICS = {"cider": "{:.4f}", "bleu": "{:.2f}"}  # the rest are fractions, shown as percentages
 
 
 def format_metrics(result: EvalResult) -> str:
     """A small text table of the metrics, the per-type VQA accuracies and the sample counts."""
-    rows = [(_METRIC_LABELS.get(k, k), f"{v:.4f}" if k == "cider" else f"{100 * v:.1f}%")
+    rows = [(_METRIC_LABELS.get(k, k), _PLAIN_METRICS[k].format(v) if k in _PLAIN_METRICS else f"{100 * v:.1f}%")
             for k, v in result.metrics.items()]
     for name, stats in sorted(result.by_type.items()):
         rows.append((f"  type {name} ({stats['samples']})",

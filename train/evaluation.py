@@ -62,7 +62,7 @@ __all__ = [
     "write_result",
 ]
 
-EVAL_TASKS = tuple(name for name, spec in TASKS.items() if spec.evaluated)
+EVAL_TASKS = tuple(name for name, spec in TASKS.items() if spec.evaluated and spec.modality == "image")
 """Tasks :func:`evaluate` knows."""
 
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"caption": 48, "vqa": 10}

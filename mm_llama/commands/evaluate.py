@@ -1,4 +1,5 @@
-"""`mm-llama eval`: score an image model on evaluation shards (thin wrapper over `mm_llama.train.evaluation`)."""
+"""`mm-llama eval`: score an image or speech model on evaluation shards (thin wrapper over
+`mm_llama.train.evaluation` and `mm_llama.train.speech_evaluation`)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,19 @@ from mm_llama.train.evaluation import (
 )
 
 
-def default_output(model: Path, task: str, blank_images: bool) -> Path:
-    """``MODEL/eval-TASK.json``, or ``MODEL/eval-TASK-blank.json`` for the blank-image control (so the
-    control never overwrites the real result)."""
-    return model / f"eval-{task}{'-blank' if blank_images else ''}.json"
+SPEECH_EVAL_TASKS = ("asr", "ast")
+
+
+def default_output(model: Path, task: str, blank: bool) -> Path:
+    """``MODEL/eval-TASK.json``, or ``MODEL/eval-TASK-blank.json`` for the blank-image / silence control
+    (so the control never overwrites the real result)."""
+    return model / f"eval-{task}{'-blank' if blank else ''}.json"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="evaluate an image model on shards (CIDEr / VQA accuracy)",
+        help="evaluate an image or speech model on shards (CIDEr / VQA accuracy / WER / BLEU)",
         description=(
             "Generate greedily for every sample of evaluation shards, in order, with the prompt templates "
             "training uses, and score the outputs: captions by CIDEr (pycocoevalcap's scorer on our own "
@@ -37,12 +41,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run/export directory of ours, an HF Mllama or a Meta Llama 3.2 Vision directory")
     p.add_argument("--shards", required=True, nargs="+", metavar="SHARDS",
                    help="eval shards: .tar files, directories of them, globs or brace patterns (read in order)")
-    p.add_argument("--task", required=True, choices=EVAL_TASKS,
-                   help="caption (image-caption shards) or vqa (image-qa shards)")
+    p.add_argument("--task", required=True, choices=EVAL_TASKS + SPEECH_EVAL_TASKS,
+                   help="caption (image-caption shards), vqa (image-qa shards), asr or ast (speech shards: WER after "
+                        "Whisper's English normalisation, sacreBLEU)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="samples per generation batch (default 8)")
     p.add_argument("--max-samples", type=positive_int, default=None, help="evaluate at most this many samples")
     p.add_argument("--blank-images", action="store_true",
                    help="control run: replace every image by a mid-grey image of the same size")
+    p.add_argument("--blank-audio", action="store_true",
+                   help="control run (asr / ast): replace every utterance by silence of the same length")
+    p.add_argument("--language", default=None,
+                   help="asr: the language of records without one; ast: the target language of records without one")
     p.add_argument("--prompt", default=None,
                    help="caption instruction (default: the training default); caption task only")
     budgets = ", ".join(f"{task} {n}" for task, n in DEFAULT_MAX_NEW_TOKENS.items())
@@ -61,18 +70,34 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model.is_dir():
         raise ValueError(f"--model {str(args.model)!r} is not a directory; give a run, HF or Meta model directory")
-    out = args.out if args.out is not None else default_output(args.model, args.task, args.blank_images)
+    speech = args.task in SPEECH_EVAL_TASKS
+    if (args.blank_images and speech) or (args.blank_audio and not speech):
+        raise ValueError("--blank-images is the control of caption / vqa, --blank-audio that of asr / ast")
+    blank = args.blank_audio if speech else args.blank_images
+    out = args.out if args.out is not None else default_output(args.model, args.task, blank)
     try:
         check_result_path(out)  # a bad --out fails now, not after the evaluation
     except ValueError as err:
         raise ValueError(f"--out: {err}") from err
     device, dtype = resolve_device(args)
     model, tokenizer = load_image_model(args.model, dtype=dtype, device=device)
-    result = evaluate(
-        model, tokenizer, args.shards, args.task,
-        batch_size=args.batch_size, max_samples=args.max_samples, blank_images=args.blank_images,
-        max_new_tokens=args.max_new_tokens, prompt=args.prompt, progress=not args.no_progress,
-    )
+    if speech:
+        from mm_llama.data.prompts import language_name
+        from mm_llama.train.speech_evaluation import evaluate_speech
+
+        language = language_name(args.language) if args.language else None
+        result = evaluate_speech(
+            model, tokenizer, args.shards, args.task, batch_size=args.batch_size, max_samples=args.max_samples,
+            blank_audio=args.blank_audio, max_new_tokens=args.max_new_tokens or 128, progress=not args.no_progress,
+            default_language=language if args.task == "asr" else None,
+            target_language=language if args.task == "ast" else None,
+        )
+    else:
+        result = evaluate(
+            model, tokenizer, args.shards, args.task,
+            batch_size=args.batch_size, max_samples=args.max_samples, blank_images=args.blank_images,
+            max_new_tokens=args.max_new_tokens, prompt=args.prompt, progress=not args.no_progress,
+        )
     write_result(result, out, settings={"model": str(args.model), "device": str(device), "dtype": dtype})
     print(format_metrics(result))
     print(f"results: {out}")
