@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from mm_llama.adapters.speech_adapter import speech_token_count
-from mm_llama.data.collate import collate_audio
+from mm_llama.data.collate import AudioBatch, collate_audio
 from mm_llama.data.decoders import DecodeError, decode_audio
 from mm_llama.data.prompts import prompt_ids
 from mm_llama.encoders.audio_features import FRAMES_PER_SECOND, SAMPLE_RATE, log_mel
@@ -39,13 +39,6 @@ class SpeechAnswer:
     text: str | None = None
     error: str | None = None
     windows: int = 0
-
-
-class _Audio:
-    """A batch of windows in the shape the speech modality reads (`AudioTextBatch`'s fields)."""
-
-    def __init__(self, features: torch.Tensor, lengths: torch.Tensor) -> None:
-        self.features, self.feature_lengths = features, lengths
 
 
 def _fields(task: str, language: str, n_speech_tokens: int) -> dict[str, object]:
@@ -110,7 +103,7 @@ def answer_speech(model: MultimodalLlama, tokenizer: Tokenizer, files: Sequence[
         feats, lengths = collate_audio([f for _, f in batch])
         prompts = [prompt_ids(tokenizer, media, task, _fields(task, language, speech_token_count(int(f.shape[0]))))
                    for _, f in batch]
-        audio = _Audio(feats.to(device=device, dtype=dtype), lengths.to(device))
+        audio = AudioBatch(feats, lengths, lengths.float() / FRAMES_PER_SECOND).to(device, dtype=dtype)
         outputs = generate(model, prompts, gen, prefill_inputs={"media": {"speech": audio}})
         for (i, _), out in zip(batch, outputs):
             texts.setdefault(i, []).append(tokenizer.decode(out.tokens).strip())

@@ -20,11 +20,11 @@ import torch
 from tqdm import tqdm
 
 from mm_llama.adapters.speech_adapter import speech_token_count
-from mm_llama.data.collate import collate_audio
+from mm_llama.data.collate import AudioBatch, collate_audio
 from mm_llama.data.prompts import prompt_ids
 from mm_llama.data.records import EmptyReferenceError
 from mm_llama.data.tasks import get_task
-from mm_llama.encoders.audio_features import log_mel
+from mm_llama.encoders.audio_features import FRAMES_PER_SECOND, log_mel
 from mm_llama.generation import GenerationConfig, generate
 from mm_llama.media_tokens import MediaTokens
 from mm_llama.train.eval_reader import EvalShardReader
@@ -71,11 +71,6 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
 
 
-class _Audio:
-    def __init__(self, features: torch.Tensor, lengths: torch.Tensor) -> None:
-        self.features, self.feature_lengths = features, lengths
-
-
 @torch.no_grad()
 def evaluate_speech(
     model: MultimodalLlama,
@@ -115,7 +110,7 @@ def evaluate_speech(
 
     def flush() -> None:
         feats, lengths = collate_audio([f for _, f, _ in pending])
-        audio = _Audio(feats.to(device=device, dtype=dtype), lengths.to(device))
+        audio = AudioBatch(feats, lengths, lengths.float() / FRAMES_PER_SECOND).to(device, dtype=dtype)
         outputs = generate(model, [p for _, _, p in pending], gen, prefill_inputs={"media": {"speech": audio}})
         for (item, _, _), out in zip(pending, outputs):
             items.append(item)
