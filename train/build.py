@@ -341,12 +341,11 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
         check_data_geometry(cfg, model.image.encoder.tile_size, model.image.encoder.max_tiles)
     if model_cfg.encoder_checkpoint:
         load_encoder_checkpoint(model, model_cfg.encoder_checkpoint)
-    loaded = load_adapter_weights(model, model_cfg.init_runs()) if model_cfg.init_from else []
-    if "speech" in model.modality_names and model_cfg.speech.get("encoder_checkpoint"):
-        load_speech_encoder(model.speech.encoder, model_cfg.speech["encoder_checkpoint"])
-        if loaded:  # weights from init_from come after the pretrained encoder
-            load_adapter_weights(model, model_cfg.init_runs())
-    elif "speech" in model.modality_names and not any(_holds_speech(f) for f in loaded):
+    speech_checkpoint = model_cfg.speech.get("encoder_checkpoint") if "speech" in model.modality_names else None
+    if speech_checkpoint:
+        load_speech_encoder(model.speech.encoder, speech_checkpoint)
+    loaded = load_adapter_weights(model, model_cfg.init_runs()) if model_cfg.init_from else []  # last: it wins
+    if "speech" in model.modality_names and not speech_checkpoint and not any(_holds_speech(f) for f in loaded):
         set_speech_feature_stats(model, cfg)
     model.set_trainable(trained)
     model.train()
@@ -401,7 +400,11 @@ def build_speech_encoder(cfg: RecipeConfig, tokenizer: Tokenizer | None = None) 
 
 
 def _holds_speech(file: Path) -> bool:
-    return any(k.startswith("speech.") for k in _read_tensors(file))
+    """Whether an adapter file holds speech weights (read from its header, not its tensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return any(k.startswith("speech.") for k in f.keys())
 
 
 def set_speech_feature_stats(model: MultimodalLlama, cfg: RecipeConfig) -> None:
