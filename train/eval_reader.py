@@ -178,10 +178,17 @@ class EvalShardReader:
             warnings.warn(f"skipped {what}: {reason}", CorruptSampleWarning, stacklevel=3)
 
     def count_samples(self) -> int | None:
-        """Number of sample keys in the shards (member data is read, not decoded); None when a shard is
-        damaged (the iteration reports why). For progress bars."""
+        """Number of sample keys in the shards; None when a shard is damaged (the iteration reports why).
+        For progress bars: a local ``.tar`` is counted from its headers (`inspect_tar_file`, cached for the
+        damage check of the real pass), other shards by reading their members without decoding them."""
         total = 0
         for url in self.urls:
+            check = inspect_tar_file(url)
+            if check.problem is not None:
+                return None
+            if url.endswith(".tar") and check.readable:
+                total += check.readable
+                continue
             last = None
             try:
                 for key, _, _ in _members(url):
