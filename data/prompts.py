@@ -52,6 +52,7 @@ __all__ = [
     "asr_system_prompt",
     "ast_system_prompt",
     "build_example",
+    "chat_prompt_ids",
     "language_name",
     "multiple_choice_question",
     "prompt_ids",
@@ -196,12 +197,20 @@ def prompt_ids(tok: Tokenizer, media: MediaTokens, task: str, fields: Mapping[st
     chat=True)``. Raises ValueError for an unknown task or a missing / non-string prompt field.
     """
     system, media_ids, text = _prompt_parts(media, task, fields)
+    return chat_prompt_ids(tok, media, media_ids, text, system=system)
+
+
+def chat_prompt_ids(tok: Tokenizer, media: MediaTokens, media_ids: list[int], text: str = "", *,
+                    system: str | None = None) -> list[int]:
+    """One user turn holding ``media_ids`` then ``text`` (and an optional system turn before it), up to and
+    including the open assistant header: the layout every task's prompt has (module docstring). Used as
+    is for prompts no single task describes, such as an image with a spoken question."""
     media.check_tokenizer(tok)
     ids = [tok.bos_id]
     if system is not None:
         ids += tok.encode_message("system", system)
-    ids += tok.encode_header("user") + media_ids
-    if text:
+    ids += tok.encode_header("user") + list(media_ids)
+    if text and text.strip():
         ids += tok.encode(text.strip())
     ids += [tok.eot_id] + tok.encode_header("assistant")
     return ids

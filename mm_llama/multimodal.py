@@ -107,6 +107,7 @@ class MultimodalLlama(nn.Module):
         self.n_media_tokens = n_media_tokens
         self.decoder = fused_decoder(decoder, modalities)
         self.modality_names = tuple(names)
+        self.loaded_modalities: set[str] = set()  # modalities whose weights an earlier run supplied (init_from)
         for modality in modalities:
             self.add_module(modality.name, modality)
 

@@ -26,7 +26,7 @@ from mm_llama.media_tokens import MediaTokens
 from mm_llama.multimodal import MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 
-__all__ = ["MAX_WINDOW_SECONDS", "SpeechAnswer", "answer_speech", "speech_window_frames"]
+__all__ = ["MAX_WINDOW_SECONDS", "SpeechAnswer", "answer_speech", "read_audio", "speech_window_frames"]
 
 MAX_WINDOW_SECONDS = 60.0  # the paper's training crop
 
@@ -61,7 +61,7 @@ def speech_window_frames(model: MultimodalLlama, tokenizer: Tokenizer, task: str
     return frames
 
 
-def _read(path: str | Path) -> torch.Tensor:
+def read_audio(path: str | Path) -> torch.Tensor:
     """16 kHz mono waveform of a file; ValueError saying why it cannot be used."""
     try:
         data = Path(path).read_bytes()
@@ -85,7 +85,7 @@ def answer_speech(model: MultimodalLlama, tokenizer: Tokenizer, files: Sequence[
     jobs: list[tuple[int, torch.Tensor]] = []  # (file index, features of one window)
     for i, path in enumerate(files):
         try:
-            wave = _read(path)
+            wave = read_audio(path)
             pieces = [wave[start:start + window * samples_per_frame]
                       for start in range(0, wave.numel(), window * samples_per_frame)]
             features = [log_mel(p) for p in pieces if p.numel() >= SAMPLE_RATE * 25 // 1000]  # ≥ one 25 ms frame

@@ -238,7 +238,8 @@ def load_adapter_weights(model: MultimodalLlama, runs: str | Path | list[str | P
     of them hold is an error naming it. Every adapter tensor of a modality the runs cover must be there,
     with the same shape — except a timm backbone's position embedding, which is resampled when the tile
     size changed (annealing at a higher resolution); a modality no run covers keeps its fresh weights.
-    Files from before modalities were named load under the image names. Returns the files read.
+    Files from before modalities were named load under the image names. The modalities loaded are added
+    to `model.loaded_modalities` (the run exports them). Returns the files read.
     """
     tensors: dict[str, torch.Tensor] = {}
     source: dict[str, Path] = {}
@@ -275,6 +276,7 @@ def load_adapter_weights(model: MultimodalLlama, runs: str | Path | list[str | P
     if mismatched:
         raise RecipeError(f"model.init_from {where}: shape mismatch(es) {mismatched[:5]}; the earlier stage used another "
                           "encoder / fusion shape")
+    model.loaded_modalities |= covered & set(model.modality_names)
     return files
 
 
@@ -296,11 +298,15 @@ def init_fusion_gates(model: MultimodalLlama, value: float) -> None:
                 block.gate_ffwd.fill_(value)
 
 
+def _task_modality(task: str) -> str | None:
+    return TASKS[task].modality if task in TASKS else None
+
+
 def model_modalities(cfg: RecipeConfig) -> list[str]:
     """`model.modalities`, else the one `data.task` carries (`image` for caption / vqa, `speech` for asr / ast)."""
     if cfg.model.modalities:
         return list(cfg.model.modalities)
-    modality = TASKS[cfg.data.task].modality if cfg.data.task in TASKS else None
+    modality = _task_modality(cfg.data.task)
     if modality is None:
         raise RecipeError(f"data.task={cfg.data.task!r} carries no media; name the model's modalities in model.modalities")
     return [modality]
@@ -337,7 +343,7 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
         raise RecipeError("model.train lists decoder: the adapter stages keep the LM frozen, and a run's export "
                           "(adapter.safetensors) holds only adapter weights; remove decoder from model.train")
     init_fusion_gates(model, model_cfg.fusion_gate_init)
-    if "image" in model.modality_names:
+    if "image" in model.modality_names and _task_modality(cfg.data.task) == "image":  # what the loader tiles
         check_data_geometry(cfg, model.image.encoder.tile_size, model.image.encoder.max_tiles)
     if model_cfg.encoder_checkpoint:
         load_encoder_checkpoint(model, model_cfg.encoder_checkpoint)

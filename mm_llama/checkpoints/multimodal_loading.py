@@ -145,12 +145,15 @@ def adapter_state_dict(model: MultimodalLlama, groups: Sequence[str] | None = No
 
 def export_groups(model: MultimodalLlama) -> list[str]:
     """What an adapter run exports: every group of each modality the run trains (a frozen part of a
-    trained modality too, so the run loads on its own), nothing of the LM or of untrained modalities;
-    adapters of different modalities then load onto one LM as a plain union of their files."""
+    trained modality too, so the run loads on its own) or loaded from an earlier run
+    (`model.loaded_modalities`, set by `model.init_from`), nothing of the LM or of modalities that are
+    still at their random initialisation. Adapters of different modalities load onto one LM as a plain
+    union of their files, and a run that started from such a union exports all of it."""
     groups = model.parameter_groups()
     trained = {g.split(".", 1)[0] for g, params in groups.items()
                if g != DECODER_GROUP and any(p.requires_grad for p in params.values())}
-    return [g for g in groups if g.split(".", 1)[0] in trained]
+    kept = trained | set(model.loaded_modalities)
+    return [g for g in groups if g.split(".", 1)[0] in kept]
 
 
 _LEGACY_PREFIXES = (("encoder.", "image.encoder."), ("projector.", "image.projector."))

@@ -1,0 +1,93 @@
+"""One prompt that holds an image, speech, or both, with optional typed text (what `mm-llama ask` runs).
+
+A model whose run loaded an image adapter and a speech adapter onto the same frozen LM
+(`model.init_from: [image_run, speech_run]`) answers a spoken question about an image: the user turn is
+`<|image|>`, then the speech span the speech adapter fills, then the typed text (`data.prompts.chat_prompt_ids`,
+the layout every task's prompt has). The image goes through cross-attention, the speech replaces its span's
+embeddings; both are computed once at prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mm_llama.adapters.speech_adapter import speech_token_count
+from mm_llama.data.collate import AudioBatch, collate_audio
+from mm_llama.data.image_transform import ImageInput, ImageTransform, collate_images
+from mm_llama.data.prompts import chat_prompt_ids, speech_span
+from mm_llama.encoders.audio_features import FRAMES_PER_SECOND, log_mel
+from mm_llama.generation import GenerationConfig, generate
+from mm_llama.media_tokens import MediaTokens
+from mm_llama.multimodal import MultimodalLlama
+from mm_llama.speech_chat import read_audio
+from mm_llama.tokenizer import Tokenizer
+
+__all__ = ["MediaPrompt", "answer_media", "media_prompt"]
+
+
+@dataclass
+class MediaPrompt:
+    """One prompt: its token ids and the prefill media (`{name: batch}`: an image batch, an `AudioBatch`)."""
+
+    ids: list[int]
+    media: dict[str, Any]
+
+
+def _speech_features(audio: str | Path | torch.Tensor) -> torch.Tensor:
+    """`[frames, 80]` log-mel features of a file (any rate, resampled) or of a 16 kHz mono waveform `[S]`."""
+    wave = read_audio(audio) if isinstance(audio, (str, Path)) else audio
+    if wave.dim() != 1:
+        raise ValueError(f"audio must be a file or a 16 kHz mono waveform [samples], got shape {tuple(wave.shape)}")
+    features = log_mel(wave)
+    if features.shape[0] < 1:
+        raise ValueError("the audio is shorter than one 25 ms frame")
+    return features
+
+
+def media_prompt(model: MultimodalLlama, tokenizer: Tokenizer, *, image: ImageInput | None = None,
+                 audio: str | Path | torch.Tensor | None = None, text: str | None = None,
+                 max_new_tokens: int = 0) -> MediaPrompt:
+    """The prompt ids and prefill media of one question; ValueError naming what is missing or too long."""
+    if image is None and audio is None:
+        raise ValueError("give an image, audio or both (for a text-only prompt use mm-llama generate)")
+    if audio is None and not (text and text.strip()):
+        raise ValueError("ask a question: typed text, or a spoken one in the audio")
+    for needed, name in ((image is not None, "image"), (audio is not None, "speech")):
+        if needed and name not in model.modality_names:
+            raise ValueError(f"this model reads {list(model.modality_names)}, not {name}; load a run that trained or "
+                             f"loaded a {name} adapter (model.init_from: [image_run, speech_run])")
+    tokens = MediaTokens(model.text_cfg.vocab_size)
+    device = next(model.parameters()).device
+    media_ids: list[int] = []
+    media: dict[str, Any] = {}
+    if image is not None:
+        vision = model.image.vision_cfg
+        tiled = ImageTransform(tile_size=vision.tile_size, max_tiles=vision.max_tiles)(image)
+        dtype = next(model.image.projector.parameters()).dtype
+        media["image"] = collate_images([[tiled]], max_tiles=vision.max_tiles).to(device, dtype=dtype)
+        media_ids.append(tokens.image)
+    if audio is not None:
+        features, lengths = collate_audio([_speech_features(audio)])
+        dtype = next(model.speech.parameters()).dtype
+        media["speech"] = AudioBatch(features, lengths, lengths.float() / FRAMES_PER_SECOND).to(device, dtype=dtype)
+        media_ids += speech_span(tokens, speech_token_count(int(lengths[0])))
+    ids = chat_prompt_ids(tokenizer, tokens, media_ids, text or "")
+    if len(ids) + max_new_tokens > model.max_seq_len:
+        seconds = f" ({float(media['speech'].durations[0]):.1f} s of speech)" if "speech" in media else ""
+        raise ValueError(f"the prompt is {len(ids)} tokens{seconds}; with {max_new_tokens} new tokens it does not fit the "
+                         f"model's max_seq_len {model.max_seq_len}; shorten the audio or the question")
+    return MediaPrompt(ids, media)
+
+
+def answer_media(model: MultimodalLlama, tokenizer: Tokenizer, gen: GenerationConfig, *,
+                 image: ImageInput | None = None, audio: str | Path | torch.Tensor | None = None,
+                 text: str | None = None) -> str:
+    """The model's answer to one prompt holding an image, speech (a file or a 16 kHz waveform), or both, and
+    optional typed text."""
+    prompt = media_prompt(model, tokenizer, image=image, audio=audio, text=text, max_new_tokens=gen.max_new_tokens)
+    out = generate(model, [prompt.ids], gen, prefill_inputs={"media": prompt.media})[0]
+    return tokenizer.decode(out.tokens).strip()
