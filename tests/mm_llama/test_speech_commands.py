@@ -93,3 +93,4 @@ def test_caption_on_a_speech_model_says_what_the_model_reads(speech_run: Path, t
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
     assert main(["caption", "--model", str(speech_run), str(tmp_path / "x.png"), "--device", "cpu"]) == 2
     assert "this model reads ['speech'], not images" in capsys.readouterr().err
+

@@ -68,3 +68,28 @@ def test_the_exported_encoder_starts_the_speech_stage(bestrq_run, speech_data: P
     started = sft.model.speech.encoder.state_dict()
     differ = [k for k, v in exported.items() if not torch.allclose(started[k], v, atol=1e-6)]
     assert not differ, differ
+
+class _Killed(RuntimeError):
+    pass
+
+
+def test_a_killed_run_resumes_on_the_same_targets_masks_and_losses(speech_data: Path, tmp_path: Path) -> None:
+    values = {**_common(6), "checkpoint.every": 3, "data.shards": [str(speech_data / "speech" / "train-*.tar")],
+              "model.speech": {"encoder": "tiny", "best_rq": {"codebook_size": 64}}, "optim.lr": 3e-3}
+    cfg = load_recipe("tiny_speech_bestrq", _args(values))
+    whole = run_training(cfg, tmp_path / "whole")
+
+    def kill_after_step_4(step: int, info: dict) -> None:  # past the step-3 checkpoint: step 4 is redone
+        if step == 4:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run_training(cfg, tmp_path / "cut", on_step_end=kill_after_step_4)
+    resumed = run_training(cfg, tmp_path / "cut", resume=True)
+    assert resumed.steps == 6 and len(resumed.history) == 3
+    assert resumed.history == whole.history[3:]  # same codes, same span masks, same batches: bit-identical
+    features = torch.randn(2, 120, 80, generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([120, 77])
+    targets = whole.model.targets(features, lengths)
+    assert torch.equal(resumed.model.targets(features, lengths), targets)
+    assert torch.equal(build(cfg).model.targets(features, lengths), targets)

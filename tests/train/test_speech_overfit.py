@@ -1,6 +1,7 @@
 """The speech path learns (issue 14): a tiny Conformer + speech adapter, trained with `tiny_speech_sft` on
 24 espeak utterances onto a frozen tiny LM that has read their transcripts, transcribes them with WER 0;
-with the audio replaced by silence the same model is far off (it can only guess a transcript)."""
+with the audio replaced by silence the same model is far off (it can only guess a transcript); each
+utterance decodes to the same transcript alone as padded in a batch of longer ones."""
 
 from __future__ import annotations
 
@@ -66,3 +67,6 @@ def test_tiny_speech_sft_transcribes_its_training_utterances(tmp_path: Path) -> 
     print(f"WER on the training utterances {heard.metrics['wer']:.3f}, with silence {silence.metrics['wer']:.3f}")
     assert heard.metrics["wer"] == 0.0, [r for r in heard.records if r["prediction"] != r["reference"]]
     assert silence.metrics["wer"] > 0.5
+    # batch invariance of the greedy transcript: each utterance alone gives what it gave padded in a batch of 8
+    alone = evaluate_speech(model, tok, shards, "asr", max_new_tokens=80, progress=False, batch_size=1)
+    assert [r["prediction"] for r in alone.records] == [r["prediction"] for r in heard.records]
