@@ -224,7 +224,9 @@ def build_example(
     *,
     max_len: int | None = None,
 ) -> Example:
-    """Prompt + response + ``<|eot_id|>`` with labels on the response and the eot only.
+    """Prompt + response + ``<|eot_id|>`` with labels on the response and the eot only; a conversation
+    (``fields["turns"]``: later ``(question, answer)`` pairs) continues with one user / assistant exchange
+    per pair, each answer and its ``<|eot_id|>`` labelled.
 
     ``max_len`` (optional) truncates to at most that many tokens: the prompt is kept whole and the
     response is cut (its ``<|eot_id|>`` first). Raises :class:`EmptyLabelsError` when the response is
@@ -249,12 +251,16 @@ def build_example(
                 f"for the {len(response)}-token response; raise max_len or drop the sample"
             )
         response = response[:keep]
-    return Example(
-        input_ids=prompt + response,
-        labels=[IGNORE_INDEX] * len(prompt) + list(response),
-        task=task,
-        media=media,
-    )
+    input_ids, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + list(response)
+    for question, answer in fields.get("turns") or ():  # a conversation: later exchanges, whole or not at all
+        asked = tok.encode_header("user") + tok.encode(_nonempty(question, "question")) + [tok.eot_id] \
+            + tok.encode_header("assistant")
+        answered = tok.encode(_nonempty(answer, "answer")) + [tok.eot_id]
+        if max_len is not None and len(input_ids) + len(asked) + len(answered) > max_len:
+            break
+        input_ids += asked + answered
+        labels += [IGNORE_INDEX] * len(asked) + answered
+    return Example(input_ids=input_ids, labels=labels, task=task, media=media)
 
 
 # --------------------------------------------------------------------------------------------------

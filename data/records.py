@@ -77,13 +77,10 @@ def read_caption(text: str | None, meta: Mapping[str, Any]) -> Record:
     return Record({"caption": refs[0]}, tuple(refs))
 
 
-def read_question_answer(text: str | None, meta: Mapping[str, Any]) -> Record:
-    """``question`` and ``answer`` from KEY.json, or an ``answers`` list (strings, or VQA v2's
-    ``{"answer": …}`` objects): the most frequent answer is the target (the first of equally frequent
-    ones), all of them are references."""
-    question = _string(meta, "question")
-    if not question.strip():
-        raise RecordError("bad_field", "'question' in KEY.json is empty")
+def _answers(meta: Mapping[str, Any]) -> tuple[str, ...]:
+    """The answers of one question, the training target first: ``answer``, or an ``answers`` list (strings
+    or VQA v2's ``{"answer": …}`` objects) whose most frequent answer is the target (the first of equally
+    frequent ones); all of them are references, with the counts VQA scoring uses."""
     answers = meta.get("answers")
     refs: list[str] = []
     if meta.get("answer") is None and isinstance(answers, list) and answers:
@@ -102,10 +99,37 @@ def read_question_answer(text: str | None, meta: Mapping[str, Any]) -> Record:
     target = max(dict.fromkeys(refs), key=lambda r: counts[r])  # first of the most frequent
     rest = list(refs)
     rest.remove(target)  # one occurrence moves to the front; the counts VQA scoring uses stay as they were
-    ordered = (target, *rest)
+    return (target, *rest)
+
+
+def _question(meta: Mapping[str, Any]) -> str:
+    question = _string(meta, "question")
+    if not question.strip():
+        raise RecordError("bad_field", "'question' in KEY.json is empty")
+    return question
+
+
+def read_question_answer(text: str | None, meta: Mapping[str, Any]) -> Record:
+    """``question`` and ``answer`` (or ``answers``, see `_answers`) from KEY.json.
+
+    A conversation about one image is ``turns``: a list of such ``{question, answer | answers}`` objects,
+    asked in order in one sequence (each answer labelled). The first turn is the record's question and
+    references (what evaluation scores); the later ones are ``fields["turns"]`` as ``(question, target)``
+    pairs, which `data.prompts.build_example` appends as further user / assistant exchanges.
+    """
+    turns = meta.get("turns")
+    if turns is not None:
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, Mapping) for t in turns):
+            raise RecordError("bad_field", "'turns' in KEY.json must be a non-empty list of {question, answer} "
+                                           f"objects, got {turns!r:.80}")
+        first = read_question_answer(text, {**meta, **turns[0], "turns": None})
+        later = [(_question(t), _answers(t)[0]) for t in turns[1:]]
+        return Record({**first.fields, "turns": later}, first.references, first.qtype, first.extra)
+    question = _question(meta)
+    ordered = _answers(meta)
     qtype = meta.get("type", meta.get("question_type"))
     image_key = meta.get("image_key")
-    return Record({"question": question, "answer": target}, ordered,
+    return Record({"question": question, "answer": ordered[0]}, ordered,
                   qtype if isinstance(qtype, str) and qtype.strip() else None,
                   {"image_key": image_key} if isinstance(image_key, str) and image_key else {})
 

@@ -16,7 +16,7 @@ Regular; no system font files) without antialiasing, so every pixel is exactly t
 the background colour. Colours come from `PALETTE` (the grammar's colours and backgrounds) in pairs
 whose luma (Rec. 601) differs by at least `MIN_LUMA_DIFFERENCE`.
 
-One sample (see `make_glyphs_sample`) gives webdataset records in three layouts, shaped like `shapes`' and `text`'s:
+One sample (see `make_glyphs_sample`) gives webdataset records in four layouts, shaped like `shapes`' and `text`'s:
 
 - ``image-caption``: ``KEY.png`` + ``KEY.txt`` (``"the character 7 in the top left"``) + ``KEY.json``
   (caption, both QA pairs under ``qa``, glyph, position, ink ``bbox``, ``center``, ``colours``,
@@ -24,6 +24,9 @@ One sample (see `make_glyphs_sample`) gives webdataset records in three layouts,
 - ``image-qa``: ``KEY-q0`` (type ``identity``: "What character is shown?" → ``"7"``) and ``KEY-q1``
   (type ``position``: "Where is the character?" → ``"top left"``), each ``KEY-qJ.png`` (the same image)
   + ``KEY-qJ.json`` with ``question``, ``answer``, ``type`` and ``image_key``;
+- ``image-chat``: ``KEY.png`` + ``KEY.json`` whose ``turns`` hold both questions in that order: one training
+  sequence asks both (task ``vqa`` reads it as a conversation), so neither question type takes a batch's
+  place from the other;
 - ``text``: ``KEY.txt``, the same sample as text for the frozen LM's own training (`text_document`): the
   caption, then both questions answered as Llama 3 chat exchanges (``data.options.allow_special=true``).
   An LM that has read these has the answers' format in context; the image adapter then only has to supply
@@ -72,7 +75,7 @@ MIN_LUMA_DIFFERENCE = 100.0
 """Least luma difference (0–255 scale) between a glyph's colour and its background."""
 QUESTIONS: dict[str, str] = {"identity": "What character is shown?", "position": "Where is the character?"}
 """QA type → its question (the order of the ``image-qa`` records)."""
-LAYOUTS: tuple[str, ...] = ("image-caption", "image-qa", "text")
+LAYOUTS: tuple[str, ...] = ("image-caption", "image-qa", "image-chat", "text")
 """Sub-folders (webdataset layouts) that the ``glyphs`` kind writes."""
 
 
@@ -229,13 +232,14 @@ class GlyphsSample:
         return "\n".join([self.caption, *(chat_turn(q.question, q.answer) for q in self.qa)])
 
     def records(self) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
-        """Webdataset records per layout: ``{"image-caption": [...], "image-qa": [...], "text": [...]}``."""
+        """Webdataset records per layout: ``{"image-caption", "image-qa", "image-chat", "text"}`` → records."""
         cap = (self.key, {"png": self.png, "txt": self.caption.encode("utf-8"), "json": _dumps(self.json_dict())})
         qa_records = [(f"{self.key}-q{j}", {"png": self.png,
                                              "json": _dumps({**q.to_dict(), "image_key": self.key, **self.meta})})
                       for j, q in enumerate(self.qa)]
+        chat = (self.key, {"png": self.png, "json": _dumps({"turns": [q.to_dict() for q in self.qa], **self.meta})})
         text = (self.key, {"txt": self.text_document().encode("utf-8")})
-        return {"image-caption": [cap], "image-qa": qa_records, "text": [text]}
+        return {"image-caption": [cap], "image-qa": qa_records, "image-chat": [chat], "text": [text]}
 
 
 def make_glyphs_sample(seed: int, split: str, index: int) -> GlyphsSample:

@@ -307,3 +307,20 @@ def test_media_ids_must_not_collide_with_the_vocabulary(tok: Tokenizer) -> None:
 def test_example_lengths_must_agree() -> None:
     with pytest.raises(ValueError, match="same length"):
         Example(input_ids=[1, 2, 3], labels=[-100, 2])
+
+
+def test_a_conversation_labels_every_answer_and_nothing_else(tok: Tokenizer, media: MediaTokens) -> None:
+    fields = {"question": "What colour is the circle?", "answer": "Red",
+              "turns": [("How many shapes are there?", "Two"), ("Where is the square?", "at the top")]}
+    ex = build_example(tok, media, "vqa", fields)
+    single = build_example(tok, media, "vqa", {"question": fields["question"], "answer": "Red"})
+    assert ex.input_ids[:len(single)] == single.input_ids and ex.labels[:len(single)] == single.labels
+    later = []
+    for question, answer in fields["turns"]:
+        asked = header(tok, "user") + tok.encode(question) + [tok.eot_id] + header(tok, "assistant")
+        later.append((asked, tok.encode(answer) + [tok.eot_id]))
+    assert ex.input_ids[len(single):] == [i for asked, answered in later for i in asked + answered]
+    assert ex.labels[len(single):] == [i for asked, answered in later
+                                       for i in [IGNORE_INDEX] * len(asked) + answered]
+    cut = build_example(tok, media, "vqa", fields, max_len=len(single) + len(later[0][0]) + len(later[0][1]) + 3)
+    assert cut.input_ids == single.input_ids + later[0][0] + later[0][1]  # a turn that does not fit is left out whole

@@ -69,3 +69,17 @@ def test_training_reads_vqa_v2_records_as_evaluation_does(tmp_path: Path) -> Non
     shards = write_shards(tmp_path, [sample])
     (batch,), _ = collect(image_text_loader(config(shards, batch_size=1), tokenizer(), task="vqa"))
     assert labelled_text(tokenizer(), batch.text.input_ids[0], batch.text.labels[0]).strip() == "red"
+
+
+def test_a_conversation_record_asks_its_turns_in_order() -> None:
+    turns = [{"question": "What character is shown?", "answers": ["7", "7", "1"], "type": "identity"},
+             {"question": "Where is it?", "answer": " top left "}, {"question": "Colour?", "answers": [{"answer": "red"}]}]
+    record = read_question_answer(None, {"turns": turns, "image_key": "k"})
+    assert record.fields == {"question": "What character is shown?", "answer": "7",
+                             "turns": [("Where is it?", "top left"), ("Colour?", "red")]}
+    assert record.references == ("7", "7", "1")  # evaluation scores the first turn
+    assert (record.qtype, record.extra) == ("identity", {"image_key": "k"})
+    assert get_task("caption_vqa").resolve({"turns": turns}).name == "vqa"
+    for bad in ([], "q?", [{"question": "q"}], [{"question": "q", "answer": "a"}, {"question": " ", "answer": "b"}]):
+        with pytest.raises(RecordError):
+            read_question_answer(None, {"turns": bad})

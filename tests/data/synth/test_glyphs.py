@@ -121,6 +121,9 @@ def test_records_answer_what_the_questions_ask() -> None:
         assert (j1["question"], j1["answer"], j1["type"]) == (QUESTIONS["position"], meta["position"], "position")
         assert j0["image_key"] == j1["image_key"] == key and j0["split"] == "val"
         assert meta["qa"] == [{k: j[k] for k in ("question", "answer", "type")} for j in (j0, j1)]
+        [(chat_key, chat)] = records["image-chat"]
+        assert chat_key == key and set(chat) == {"png", "json"} and chat["png"] == cap["png"]
+        assert load_json(chat["json"])["turns"] == meta["qa"]  # both questions, in order, in one record
         [(text_key, text)] = records["text"]
         assert text_key == key and set(text) == {"txt"}
         caption, *exchanges = text["txt"].decode().split("\n<|start_header_id|>")
@@ -188,7 +191,7 @@ def test_write_synth_and_command(tmp_path: Path, capsys) -> None:
         args.run(args)
 
 
-def test_loaders_read_both_layouts(tmp_path: Path) -> None:
+def test_loaders_read_every_image_layout(tmp_path: Path) -> None:
     pipelines = pytest.importorskip("mm_llama.data.pipelines")
     from mm_llama.data.prompts import IGNORE_INDEX
     from mm_llama.tokenizer import Tokenizer
@@ -200,15 +203,17 @@ def test_loaders_read_both_layouts(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         train_llama3_tokenizer([s.caption for s in samples] * 4 + list(QUESTIONS.values()), 300, tmp_path / "tok")
     tok = Tokenizer.from_dir(tmp_path / "tok")
-    expected = {"vqa": [a for s in samples for a in (s.content.glyph, s.content.position)],
-                "caption": [s.caption for s in samples]}
-    for task, layout in (("vqa", "image-qa"), ("caption", "image-caption")):
+    answers = [a for s in samples for a in (s.content.glyph, s.content.position)]
+    expected = {"image-qa": answers, "caption": [s.caption for s in samples],
+                "image-chat": ["".join(answers[i:i + 2]) for i in range(0, len(answers), 2)]}  # one sequence each
+    for task, layout in (("vqa", "image-qa"), ("caption", "image-caption"), ("vqa", "image-chat")):
         config = pipelines.LoaderConfig(shards=str(tmp_path / layout / "glyphs-test-*.tar"), batch_size=8,
                                         tile_size=64, max_tiles=1, shuffle=False)
         loader = pipelines.loader_for_task(task, config, tok)
         [batch] = list(loader)
-        assert loader.stats.samples == len(expected[task]) and not loader.stats.skipped, (task, loader.stats)
+        want = expected["caption" if task == "caption" else layout]
+        assert loader.stats.samples == len(want) and not loader.stats.skipped, (layout, loader.stats)
         labels, ids = batch.text.labels, batch.text.input_ids
         responses = [tok.decode(ids[b][labels[b] != IGNORE_INDEX].tolist(), skip_special=True)
-                     for b in range(len(expected[task]))]
-        assert responses == expected[task], task
+                     for b in range(len(want))]
+        assert responses == want, layout
