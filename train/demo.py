@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mm_llama.atomic_file import atomic_write
+from mm_llama.data.synth.shapes import LAYOUTS as SHAPES_LAYOUTS
 from mm_llama.data.tasks import TASKS, task_names
 from mm_llama.train.report import LOSS_PLOT_GLOB, METRICS_JSON, REPORT_FILE, format_table, write_report
 
@@ -86,7 +87,8 @@ class AdapterStage:
     or ``caption_vqa``), which also picks the shapes layouts it trains on (`TASK_LAYOUTS`). overrides:
     recipe overrides on top of the demo's (paths, task). init_from: the name of an earlier adapter stage
     whose trained weights start this one (``model.init_from=OUT/<that stage>``). recipe: the built-in
-    recipe (or a YAML path) it runs.
+    recipe (or a YAML path) it runs. layouts: the shapes layouts it trains on, when not the task's
+    (``("image-chat",)``: each image's questions and caption as one conversation, task ``vqa``).
     """
 
     name: str
@@ -94,6 +96,11 @@ class AdapterStage:
     overrides: Overrides = field(default_factory=dict)
     init_from: str | None = None
     recipe: str = "tiny_vision_pretrain"
+    layouts: tuple[str, ...] | None = None
+
+    def train_layouts(self) -> tuple[str, ...]:
+        """The shapes layouts it trains on: `layouts`, else the task's (`TASK_LAYOUTS`)."""
+        return self.layouts if self.layouts is not None else TASK_LAYOUTS[self.task]
 
 
 def _default_adapter_stages() -> list[AdapterStage]:
@@ -177,6 +184,8 @@ class DemoSettings:
                 out.append(f"{where}: name is taken (by the demo: {sorted(RESERVED_NAMES)}, or an earlier stage)")
             if stage.task not in TASK_LAYOUTS:
                 out.append(f"{where}: task must be one of {list(TASK_LAYOUTS)}, got {stage.task!r}")
+            if stage.layouts is not None and (not stage.layouts or not set(stage.layouts) <= set(SHAPES_LAYOUTS)):
+                out.append(f"{where}: layouts must be shapes layouts {list(SHAPES_LAYOUTS)}, got {stage.layouts!r}")
             if stage.init_from is not None and stage.init_from not in seen:
                 out.append(f"{where}: init_from {stage.init_from!r} is not an earlier adapter stage ({seen or 'none'})")
             out += _override_problems(f"{where}.overrides", stage.overrides)
@@ -413,7 +422,7 @@ class _Demo:
         for stage in s.adapter_stages:
             paths: Overrides = {"model.base_lm": str(out / LM_RUN), "model.encoder_checkpoint": str(out / ENCODER_RUN),
                                 "data.task": stage.task,
-                                "data.shards": [shard for layout in TASK_LAYOUTS[stage.task]
+                                "data.shards": [shard for layout in stage.train_layouts()
                                                for shard in self.shards(layout, "train")]}
             if stage.init_from is not None:
                 paths["model.init_from"] = str(out / stage.init_from)

@@ -7,13 +7,16 @@ inside its cell (so shapes never overlap and the position word is exact). Radii:
 38–45 % of the smaller cell side. Shapes are drawn without antialiasing, so the pixel at every shape's
 centre is exactly its colour's RGB.
 
-One sample (see `make_shapes_sample`) gives two webdataset records:
+One sample (see `make_shapes_sample`) gives records in three layouts:
 
 - ``image-caption`` layout: ``KEY.png`` + ``KEY.txt`` (caption) + ``KEY.json`` (caption, all QA pairs
   under ``qa``, the scene with pixel centres and radii);
 - ``image-qa`` layout: one record per selected question (one per question type, see
   `grammar.select_qa`), key ``KEY-qJ``: ``KEY-qJ.png`` (the same image) + ``KEY-qJ.json`` with
-  ``question``, ``answer``, ``type`` and ``image_key``.
+  ``question``, ``answer``, ``type`` and ``image_key``;
+- ``image-chat`` layout: ``KEY.png`` + ``KEY.json`` whose ``turns`` ask the same questions in a shuffled
+  order and then the caption (`ShapesSample.chat_record`): task ``vqa`` trains them as one conversation,
+  every answer labelled, so each image's content-heavy questions train next to its easy ones.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from PIL import Image, ImageDraw
 from mm_llama.data.synth import grammar
 from mm_llama.data.synth.grammar import QA, Scene, SceneObject
 from mm_llama.data.synth.splits import draw_in_split, sample_key, sample_rng
+from mm_llama.data.tasks import DEFAULT_CAPTION_PROMPT
 
 KIND = "shapes"
 IMAGE_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (320, 200), (200, 320), (256, 192), (192, 256))
@@ -88,7 +92,7 @@ class ShapesSample:
         }
 
     def records(self) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
-        """Webdataset records per layout: ``{"image-caption": [...], "image-qa": [...]}``."""
+        """Webdataset records per layout: ``{"image-caption", "image-qa", "image-chat"}`` → records."""
         cap = (self.key, {
             "png": self.png,
             "txt": self.caption.encode("utf-8"),
@@ -100,7 +104,19 @@ class ShapesSample:
                 "png": self.png,
                 "json": _dumps({**q.to_dict(), "image_key": self.key, **self.meta}),
             }))
-        return {"image-caption": [cap], "image-qa": qa_records}
+        return {"image-caption": [cap], "image-qa": qa_records, "image-chat": [self.chat_record()]}
+
+    def chat_record(self) -> tuple[str, dict[str, bytes]]:
+        """The ``image-chat`` record: the selected questions in a per-sample shuffled order, then the caption
+        asked with the caption task's instruction, as ``turns`` of one conversation. The caption comes last
+        because it names everything a question asks: earlier, it would answer the later questions from the
+        text instead of the image."""
+        m = self.meta
+        order = list(self.selected_qa)
+        sample_rng(f"{KIND}-chat", int(m["seed"]), str(m["split"]), int(m["index"])).shuffle(order)
+        turns = [q.to_dict() for q in order] + [{"question": DEFAULT_CAPTION_PROMPT, "answer": self.caption,
+                                                 "type": "caption"}]
+        return self.key, {"png": self.png, "json": _dumps({"turns": turns, "image_key": self.key, **m})}
 
 
 def _dumps(obj: Any) -> bytes:
@@ -199,7 +215,7 @@ def make_shapes_sample(seed: int, split: str, index: int, *, square: bool = Fals
                         caption, qa, selected, meta)
 
 
-LAYOUTS: tuple[str, ...] = ("image-caption", "image-qa")
+LAYOUTS: tuple[str, ...] = ("image-caption", "image-qa", "image-chat")
 """Sub-folders (webdataset layouts) that the ``shapes`` kind writes."""
 
 

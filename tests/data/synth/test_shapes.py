@@ -91,7 +91,7 @@ def test_large_shapes_cover_more_pixels_than_small_ones() -> None:
     assert max(areas["small"]) < min(areas["large"])
 
 
-def test_records_have_both_layouts() -> None:
+def test_records_have_every_layout() -> None:
     s = make_shapes_sample(0, "test", 2)
     records = s.records()
     [(key, cap)] = records["image-caption"]
@@ -108,3 +108,18 @@ def test_records_have_both_layouts() -> None:
         assert {"question": q["question"], "answer": q["answer"], "type": q["type"]} in meta["qa"]
         types.append(q["type"])
     assert len(set(types)) == len(types)
+    [(chat_key, chat)] = records["image-chat"]
+    assert chat_key == key and chat["png"] == cap["png"]
+    turns = load_json(chat["json"])["turns"]
+    asked = [load_json(files["json"]) for _, files in qa]
+    assert sorted(t["question"] for t in turns[:-1]) == sorted(q["question"] for q in asked)  # every question once
+    assert turns[-1] == {"question": "Describe this image in one sentence.", "answer": meta["caption"], "type": "caption"}
+
+
+def test_chat_question_order_is_shuffled_per_image_and_reproducible() -> None:
+    orders = []
+    for i in range(12):
+        turns = load_json(make_shapes_sample(0, "train", i).chat_record()[1]["json"])["turns"]
+        assert turns == load_json(make_shapes_sample(0, "train", i).chat_record()[1]["json"])["turns"]
+        orders.append(tuple(t["type"] for t in turns[:-1]))
+    assert len(set(orders)) > 6  # not one fixed order of question types
