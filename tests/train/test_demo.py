@@ -50,14 +50,14 @@ def test_quick_demo_writes_every_stage_output(demo) -> None:
     out = result.out
     for path in _outputs(out):
         assert path.is_file(), path
-    for layout in ("image-caption", "image-qa"):
+    for layout in ("image-caption", "image-qa", "image-chat"):
         assert {p.name.split("-")[0] for p in (out / "data" / layout).glob("*.tar")} == {"test", "train"}
     assert (out / "data" / "text" / "train-corpus.txt").is_file()
     config = load_recipe(out / "lm" / "config.yaml")
     assert config.data.options == {"allow_special": True} and config.train.steps == 3
     adapter = load_recipe(out / "vision" / "config.yaml")
-    assert adapter.data.task == "caption_vqa"  # both layouts: questions and captions
-    assert {Path(s).parent.name for s in adapter.data.shards} == {"image-qa", "image-caption"}
+    assert adapter.data.task == "vqa"  # each image's questions and caption as one conversation
+    assert {Path(s).parent.name for s in adapter.data.shards} == {"image-chat"}
     for name in EVALS:
         data = json.loads((out / "eval" / f"{name}.json").read_text())
         assert data["settings"]["blank_images"] == name.endswith("blank") and data["records"]
@@ -153,12 +153,14 @@ def test_settings_are_validated_and_their_overrides_fit_the_recipes() -> None:
     assert two.problems() == [] and two.training_stages == ["lm", "encoder", "vqa", "caption"]
     bad = DemoSettings(train_images=0, vocab_size=100, lm={"train.steps=3": 1},
                        square_images="yes",  # type: ignore[arg-type]
-                       adapter_stages=[AdapterStage("lm"), AdapterStage("b", "captions", init_from="c")])
+                       adapter_stages=[AdapterStage("lm"), AdapterStage("b", "captions", init_from="c"),
+                                       AdapterStage("d", layouts=("image-chats",))])
     problems = "\n".join(bad.problems())
     for text in ("train_images must be a positive integer, got 0", "vocab_size must be an integer >= 257",
                  "'train.steps=3' is not a dotted recipe key", "name is taken",
                  "task must be one of ['caption', 'vqa', 'caption_vqa'], got 'captions'",
-                 "init_from 'c' is not an earlier adapter stage", "square_images must be true or false, got 'yes'"):
+                 "init_from 'c' is not an earlier adapter stage", "square_images must be true or false, got 'yes'",
+                 "layouts must be shapes layouts ['image-caption', 'image-qa', 'image-chat'], got ('image-chats',)"):
         assert text in problems
     with pytest.raises(DemoError, match="invalid demo settings"):
         run_demo(bad, "unused")
