@@ -9,7 +9,7 @@ object. The same table, with notes, is in `data/LAYOUTS.md`.
 | layout | manifest line | members | `KEY.json` fields |
 |---|---|---|---|
 | image-caption | `{"image": PATH, "caption": STR}` | `KEY.jpg` / `KEY.png` / `KEY.webp`, `KEY.txt` (caption), `KEY.json` | `key`, `caption`, `width`, `height`, `source` |
-| image-qa | `{"image": PATH, "question": STR, "answer": STR}` | `KEY.jpg` / `KEY.png` / `KEY.webp`, `KEY.json` | `key`, `question`, `answer`, `width`, `height`, `source` |
+| image-qa | `{"image": PATH, "question": STR, "answer": STR}` or `{"image": PATH, "turns": [{question, answer}, ...]}` (a conversation) | `KEY.jpg` / `KEY.png` / `KEY.webp`, `KEY.json` | `key`, `question`, `answer` (or `turns`), `width`, `height`, `source` |
 | audio-text | `{"audio": PATH, "text": STR, "language": STR, "translation": STR (optional)}` | `KEY.flac` / `KEY.wav`, `KEY.json` | `key`, `text`, `language`, `translation` (if given), `duration` (s), `sample_rate` (Hz, of the file), `channels`, `source` |
 | video-caption | `{"video": PATH, "caption": STR}` | `KEY.mp4`, `KEY.txt` (caption), `KEY.json` | `key`, `caption`, `duration` (s), `frames`, `width`, `height`, `source` |
 | img2dataset output (read as image-caption) | — | `KEY.jpg`, `KEY.txt`, `KEY.json` | `key`, `caption`, `url`, `width`, `height`, `original_width`, `original_height`, `status`, ... |
@@ -70,6 +70,7 @@ from mm_llama.data.decoders import (
     video_frame_count,
 )
 from mm_llama.data.json_limits import JSONLimitError, loads_limited
+from mm_llama.data.records import RecordError, read_question_answer
 from mm_llama.data.shard_writer import ShardWriter, validate_key
 
 __all__ = ["LAYOUTS", "ManifestError", "write_shards"]
@@ -130,13 +131,25 @@ def _layout(line: dict[str, Any]) -> str:
         )
     kind = media[0]
     if kind == "image":
-        qa = "question" in line or "answer" in line
+        qa = "question" in line or "answer" in line or "turns" in line
         if qa and "caption" in line:
             raise _Skip(
-                "ambiguous layout: has 'caption' and 'question'/'answer'; put captions and QA pairs on separate lines"
+                "ambiguous layout: has 'caption' and 'question'/'answer'/'turns'; put captions and QA pairs on "
+                "separate lines"
             )
         return "image-qa" if qa else "image-caption"
     return "audio-text" if kind == "audio" else "video-caption"
+
+
+def _turns(line: dict[str, Any]) -> list[Any]:
+    """A conversation line's ``turns``, checked the way training reads them (`records.read_question_answer`)."""
+    if "question" in line or "answer" in line:
+        raise _Skip("has both 'turns' and 'question'/'answer'; a conversation puts every question in 'turns'")
+    try:
+        read_question_answer(None, {"turns": line["turns"]})
+    except RecordError as e:
+        raise _Skip(f"'turns': {e}") from None
+    return line["turns"]
 
 
 def _read_media(line: dict[str, Any], field: str, base: Path) -> tuple[Path, str, bytes]:
@@ -226,8 +239,12 @@ def _build(line: dict[str, Any], line_no: int, base: Path) -> _Sample:
         raise _Skip(str(e)) from None
 
     if layout in ("image-caption", "image-qa"):
-        texts = ("caption",) if layout == "image-caption" else ("question", "answer")
-        values = {f: _text(line, f) for f in texts}
+        texts: tuple[str, ...] = ("caption",) if layout == "image-caption" else ("question", "answer")
+        if layout == "image-qa" and "turns" in line:
+            texts = ("turns",)
+            values: dict[str, Any] = {"turns": _turns(line)}
+        else:
+            values = {f: _text(line, f) for f in texts}
         extras = _extras(line, ("key", "image", *texts))
         path, source, data = _read_media(line, "image", base)
         ext = _image_ext(data, str(path))

@@ -249,3 +249,19 @@ def test_cli_parser(capsys: pytest.CaptureFixture[str]) -> None:
     help_text = io.StringIO()
     shards_parser.print_help(help_text)
     assert "--samples-per-shard" in help_text.getvalue() and "stats.json" in help_text.getvalue()
+
+
+def test_a_conversation_line_becomes_an_image_qa_record_with_turns(media: Path, tmp_path: Path) -> None:
+    turns = [{"question": "what colour?", "answer": "red"}, {"question": "how many?", "answers": ["1", "one"]}]
+    lines = [{"image": "media/red.png", "turns": turns, "key": "chat"},
+             {"image": "media/red.png", "turns": [{"question": "q?"}]},
+             {"image": "media/red.png", "turns": turns, "question": "also?", "answer": "no"},
+             {"image": "media/red.png", "turns": turns, "caption": "a red square"}]
+    stats = write_shards(write_manifest(media / "chat.jsonl", lines), tmp_path / "out", progress=False)
+    assert stats["samples"] == 1 and stats["layouts"]["image-qa"] == 1
+    meta = json.loads(read_samples(tmp_path / "out", stats)["chat"]["json"])
+    assert meta["turns"] == turns and "question" not in meta
+    reasons = [s["reason"] for s in stats["skipped_samples"]]
+    assert "'turns'" in reasons[0] and "no 'answer'" in reasons[0]
+    assert "has both 'turns' and 'question'/'answer'" in reasons[1]
+    assert reasons[2].startswith("ambiguous layout")
