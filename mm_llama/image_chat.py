@@ -15,7 +15,8 @@ from mm_llama.media_tokens import MediaTokens
 from mm_llama.multimodal import MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_CAPTION_PROMPT", "ImageAnswer", "answer_images", "image_prompt", "load_image_model"]
+__all__ = ["DEFAULT_CAPTION_PROMPT", "ImageAnswer", "answer_images", "image_batch", "image_prompt", "image_transform",
+           "load_image_model"]
 
 
 
@@ -30,6 +31,19 @@ def image_prompt(tokenizer: Tokenizer, text: str, image_token_id: int, *, chat: 
         return [image_token_id] + tokenizer.encode(text, bos=True)
     # the same template training uses (data/prompts.py), so training and inference prompts are identical
     return prompt_ids(tokenizer, MediaTokens(image_token_id), "vqa", {"question": text})
+
+
+def image_transform(model: MultimodalLlama) -> ImageTransform:
+    """The tiling the model's image encoder expects."""
+    vision = model.image.vision_cfg
+    return ImageTransform(tile_size=vision.tile_size, max_tiles=vision.max_tiles)
+
+
+def image_batch(model: MultimodalLlama, tiled: Sequence[TiledImage]):
+    """One image per sample → a batch on the image modality's device and dtype."""
+    dtype = next(model.image.projector.parameters()).dtype
+    device = next(model.parameters()).device
+    return collate_images([[t] for t in tiled], max_tiles=model.image.vision_cfg.max_tiles).to(device, dtype=dtype)
 
 
 @dataclass
@@ -68,10 +82,7 @@ def answer_images(
     if "image" not in getattr(model, "modality_names", ()):
         raise ValueError(f"this model reads {list(getattr(model, 'modality_names', []))}, not images; caption and vqa "
                          "need a model with an image modality (for speech use transcribe / translate)")
-    vision = model.image.vision_cfg
-    transform = ImageTransform(tile_size=vision.tile_size, max_tiles=vision.max_tiles)
-    device = next(model.parameters()).device
-    dtype = next(model.image.projector.parameters()).dtype
+    transform = image_transform(model)
     results = [ImageAnswer(source=name) for name in names]
     bar = tqdm(total=len(images), unit="image", disable=not (progress if progress is not None else len(images) > 4))
     for start in range(0, len(images), batch_size):
@@ -84,7 +95,7 @@ def answer_images(
             except ValueError as e:
                 results[i].error = str(e)
         if rows:
-            batch = collate_images([[t] for t in tiled], max_tiles=vision.max_tiles).to(device, dtype=dtype)
+            batch = image_batch(model, tiled)
             token_prompts = [image_prompt(tokenizer, prompts[i], model.image.token_id, chat=chat) for i in rows]
             outputs = generate(model, token_prompts, gen, prefill_inputs={"images": batch})
             for i, out in zip(rows, outputs):

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from mm_llama.adapters.speech_adapter import speech_token_count
-from mm_llama.data.collate import AudioBatch, collate_audio
-from mm_llama.data.image_transform import ImageInput, ImageTransform, collate_images
+from mm_llama.data.image_transform import ImageInput
 from mm_llama.data.prompts import chat_prompt_ids, speech_span
-from mm_llama.encoders.audio_features import FRAMES_PER_SECOND, log_mel
+from mm_llama.encoders.audio_features import log_mel
 from mm_llama.generation import GenerationConfig, generate
 from mm_llama.media_tokens import MediaTokens
 from mm_llama.multimodal import MultimodalLlama
-from mm_llama.speech_chat import read_audio
+from mm_llama.image_chat import image_batch, image_transform
+from mm_llama.speech_chat import read_audio, speech_batch
 from mm_llama.tokenizer import Tokenizer
 
 __all__ = ["MediaPrompt", "answer_media", "media_prompt"]
@@ -61,20 +61,14 @@ def media_prompt(model: MultimodalLlama, tokenizer: Tokenizer, *, image: ImageIn
             raise ValueError(f"this model reads {list(model.modality_names)}, not {name}; load a run that trained or "
                              f"loaded a {name} adapter (model.init_from: [image_run, speech_run])")
     tokens = MediaTokens(model.text_cfg.vocab_size)
-    device = next(model.parameters()).device
     media_ids: list[int] = []
     media: dict[str, Any] = {}
     if image is not None:
-        vision = model.image.vision_cfg
-        tiled = ImageTransform(tile_size=vision.tile_size, max_tiles=vision.max_tiles)(image)
-        dtype = next(model.image.projector.parameters()).dtype
-        media["image"] = collate_images([[tiled]], max_tiles=vision.max_tiles).to(device, dtype=dtype)
+        media["image"] = image_batch(model, [image_transform(model)(image)])
         media_ids.append(tokens.image)
     if audio is not None:
-        features, lengths = collate_audio([_speech_features(audio)])
-        dtype = next(model.speech.parameters()).dtype
-        media["speech"] = AudioBatch(features, lengths, lengths.float() / FRAMES_PER_SECOND).to(device, dtype=dtype)
-        media_ids += speech_span(tokens, speech_token_count(int(lengths[0])))
+        media["speech"] = speech_batch(model, [_speech_features(audio)])
+        media_ids += speech_span(tokens, speech_token_count(int(media["speech"].feature_lengths[0])))
     ids = chat_prompt_ids(tokenizer, tokens, media_ids, text or "")
     if len(ids) + max_new_tokens > model.max_seq_len:
         seconds = f" ({float(media['speech'].durations[0]):.1f} s of speech)" if "speech" in media else ""

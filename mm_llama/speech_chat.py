@@ -26,7 +26,7 @@ from mm_llama.media_tokens import MediaTokens
 from mm_llama.multimodal import MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 
-__all__ = ["MAX_WINDOW_SECONDS", "SpeechAnswer", "answer_speech", "read_audio", "speech_window_frames"]
+__all__ = ["MAX_WINDOW_SECONDS", "SpeechAnswer", "answer_speech", "read_audio", "speech_batch", "speech_window_frames"]
 
 MAX_WINDOW_SECONDS = 60.0  # the paper's training crop
 
@@ -73,6 +73,15 @@ def read_audio(path: str | Path) -> torch.Tensor:
         raise ValueError(str(err)) from None
 
 
+def speech_batch(model: MultimodalLlama, features: Sequence[torch.Tensor]) -> AudioBatch:
+    """`[frames, 80]` log-mel features of each clip → a padded `AudioBatch` on the speech modality's device
+    and dtype."""
+    feats, lengths = collate_audio(list(features))
+    dtype = next(model.speech.parameters()).dtype
+    device = next(model.parameters()).device
+    return AudioBatch(feats, lengths, lengths.float() / FRAMES_PER_SECOND).to(device, dtype=dtype)
+
+
 def answer_speech(model: MultimodalLlama, tokenizer: Tokenizer, files: Sequence[str | Path], gen: GenerationConfig,
                   *, task: str = "asr", language: str = "English", batch_size: int = 8) -> list[SpeechAnswer]:
     """Transcribe (`asr`, `language` = the speech's) or translate (`ast`, `language` = the target) each file."""
@@ -96,14 +105,11 @@ def answer_speech(model: MultimodalLlama, tokenizer: Tokenizer, files: Sequence[
             continue
         jobs += [(i, f) for f in features]
     texts: dict[int, list[str]] = {}
-    device = next(model.parameters()).device
-    dtype = next(model.speech.parameters()).dtype
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
-        feats, lengths = collate_audio([f for _, f in batch])
         prompts = [prompt_ids(tokenizer, media, task, _fields(task, language, speech_token_count(int(f.shape[0]))))
                    for _, f in batch]
-        audio = AudioBatch(feats, lengths, lengths.float() / FRAMES_PER_SECOND).to(device, dtype=dtype)
+        audio = speech_batch(model, [f for _, f in batch])
         outputs = generate(model, prompts, gen, prefill_inputs={"media": {"speech": audio}})
         for (i, _), out in zip(batch, outputs):
             texts.setdefault(i, []).append(tokenizer.decode(out.tokens).strip())

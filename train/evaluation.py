@@ -24,11 +24,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mm_llama.data.image_transform import ImageTransform, TiledImage, collate_images
+from mm_llama.data.image_transform import ImageTransform, TiledImage
 from mm_llama.data.prompts import DEFAULT_CAPTION_PROMPT, prompt_ids
 from mm_llama.data.records import EmptyReferenceError, Record
 from mm_llama.data.tasks import TASKS, get_task
 from mm_llama.generation import GenerationConfig, generate
+from mm_llama.image_chat import image_batch, image_transform
 from mm_llama.media_tokens import MediaTokens
 from mm_llama.train.eval_metrics import (
     _majority_answers, _question_types, caption_tokens, cider, cider_scores,
@@ -184,13 +185,11 @@ def evaluate(
         )
 
     reader = EvalShardReader(shards)
-    transform = ImageTransform(tile_size=vision.tile_size, max_tiles=vision.max_tiles)
+    transform = image_transform(model)
     media = MediaTokens(model.text_cfg.vocab_size)
     # a tokenizer that does not fit the model fails here, once, instead of skipping every sample
     prompt_ids(tokenizer, media, task, {"question": "?"} if task == "vqa" else ({"prompt": prompt} if prompt else {}))
     gen = GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
-    device = next(model.parameters()).device
-    dtype = next(model.image.projector.parameters()).dtype
     was_training = model.training
     model.eval()
 
@@ -204,7 +203,7 @@ def evaluate(
     pending: list[_Item] = []
 
     def flush() -> None:
-        batch = collate_images([[item.tiled] for item in pending], max_tiles=vision.max_tiles).to(device, dtype=dtype)
+        batch = image_batch(model, [item.tiled for item in pending])
         outputs = generate(model, [item.prompt for item in pending], gen, prefill_inputs={"images": batch})
         for item, out in zip(pending, outputs):
             items.append(item)

@@ -20,13 +20,13 @@ import torch
 from tqdm import tqdm
 
 from mm_llama.adapters.speech_adapter import speech_token_count
-from mm_llama.data.collate import AudioBatch, collate_audio
 from mm_llama.data.prompts import prompt_ids
 from mm_llama.data.records import EmptyReferenceError
 from mm_llama.data.tasks import get_task
-from mm_llama.encoders.audio_features import FRAMES_PER_SECOND, log_mel
+from mm_llama.encoders.audio_features import log_mel
 from mm_llama.generation import GenerationConfig, generate
 from mm_llama.media_tokens import MediaTokens
+from mm_llama.speech_chat import speech_batch
 from mm_llama.train.eval_reader import EvalShardReader
 from mm_llama.train.eval_result import EvalResult
 
@@ -99,7 +99,6 @@ def evaluate_speech(
     media = MediaTokens(model.text_cfg.vocab_size)
     options = {"default_language": default_language} if task == "asr" else {"target_language": target_language}
     gen = GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
-    device, dtype = next(model.parameters()).device, next(model.speech.parameters()).dtype
     was_training = model.training
     model.eval()
     items: list[dict[str, Any]] = []
@@ -109,8 +108,7 @@ def evaluate_speech(
     bar = tqdm(unit="sample", desc=f"eval {task}{' (silence)' if blank_audio else ''}", disable=not progress)
 
     def flush() -> None:
-        feats, lengths = collate_audio([f for _, f, _ in pending])
-        audio = AudioBatch(feats, lengths, lengths.float() / FRAMES_PER_SECOND).to(device, dtype=dtype)
+        audio = speech_batch(model, [f for _, f, _ in pending])
         outputs = generate(model, [p for _, _, p in pending], gen, prefill_inputs={"media": {"speech": audio}})
         for (item, _, _), out in zip(pending, outputs):
             items.append(item)
