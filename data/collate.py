@@ -262,14 +262,7 @@ class AudioTextBatch:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> AudioTextBatch:
         """A copy on ``device``; ``dtype`` (floating) applies to the features only."""
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"dtype applies to the features and must be a floating type, got {dtype}")
-        return AudioTextBatch(
-            self.text.to(device, non_blocking),
-            self.features.to(device=device, dtype=dtype, non_blocking=non_blocking),
-            self.feature_lengths.to(device, non_blocking=non_blocking),
-            self.durations.to(device, non_blocking=non_blocking),
-        )
+        return AudioTextBatch(self.text.to(device, non_blocking), *_audio_to(self, device, dtype, non_blocking))
 
 
 @dataclass
@@ -287,9 +280,17 @@ class AudioBatch:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> AudioBatch:
         """A copy on ``device``; ``dtype`` (floating) applies to the features only."""
-        return AudioBatch(self.features.to(device=device, dtype=dtype, non_blocking=non_blocking),
-                          self.feature_lengths.to(device, non_blocking=non_blocking),
-                          self.durations.to(device, non_blocking=non_blocking))
+        return AudioBatch(*_audio_to(self, device, dtype, non_blocking))
+
+
+def _audio_to(batch: AudioBatch | AudioTextBatch, device: torch.device | str, dtype: torch.dtype | None,
+              non_blocking: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(features, feature_lengths, durations)`` of ``batch`` on ``device``, the features in ``dtype``."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype applies to the features and must be a floating type, got {dtype}")
+    return (batch.features.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            batch.feature_lengths.to(device, non_blocking=non_blocking),
+            batch.durations.to(device, non_blocking=non_blocking))
 
 
 def collate_audio_only(pairs: Sequence[tuple[None, Tensor]]) -> AudioBatch:

@@ -122,7 +122,8 @@ def read_question_answer(text: str | None, meta: Mapping[str, Any]) -> Record:
         if not isinstance(turns, list) or not turns or not all(isinstance(t, Mapping) for t in turns):
             raise RecordError("bad_field", "'turns' in KEY.json must be a non-empty list of {question, answer} "
                                            f"objects, got {turns!r:.80}")
-        first = read_question_answer(text, {**meta, **turns[0], "turns": None})
+        outer = {k: v for k, v in meta.items() if k != "turns"}  # image_key, type, ... of the record
+        first = read_question_answer(text, {**outer, **turns[0]})
         later = [(_question(t), _answers(t)[0]) for t in turns[1:]]
         return Record({**first.fields, "turns": later}, first.references, first.qtype, first.extra)
     question = _question(meta)

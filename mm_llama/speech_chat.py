@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from mm_llama.adapters.speech_adapter import speech_token_count
-from mm_llama.data.collate import AudioBatch, collate_audio
+from mm_llama.data.collate import AudioBatch, collate_audio_only
 from mm_llama.data.decoders import DecodeError, decode_audio
 from mm_llama.data.prompts import prompt_ids
 from mm_llama.encoders.audio_features import FRAMES_PER_SECOND, SAMPLE_RATE, log_mel
@@ -76,10 +76,8 @@ def read_audio(path: str | Path) -> torch.Tensor:
 def speech_batch(model: MultimodalLlama, features: Sequence[torch.Tensor]) -> AudioBatch:
     """`[frames, 80]` log-mel features of each clip → a padded `AudioBatch` on the speech modality's device
     and dtype."""
-    feats, lengths = collate_audio(list(features))
     dtype = next(model.speech.parameters()).dtype
-    device = next(model.parameters()).device
-    return AudioBatch(feats, lengths, lengths.float() / FRAMES_PER_SECOND).to(device, dtype=dtype)
+    return collate_audio_only([(None, f) for f in features]).to(next(model.parameters()).device, dtype=dtype)
 
 
 def answer_speech(model: MultimodalLlama, tokenizer: Tokenizer, files: Sequence[str | Path], gen: GenerationConfig,
