@@ -69,13 +69,15 @@ class MultimodalConfig:
 
 def fused_decoder(decoder: LlamaDecoder, modalities: Sequence[Modality]) -> LlamaDecoder:
     """A copy of `decoder` (sharing its frozen weights, the caller's object untouched) whose layers carry
-    the modalities' cross-attention blocks, in the order given, and whose embedding has their media rows."""
+    the modalities' cross-attention blocks (by `fusion_rank`, then in the order given) and whose embedding has
+    their media rows."""
     fused = copy.copy(decoder)
     for slot in ("_modules", "_parameters", "_buffers"):
         setattr(fused, slot, dict(getattr(decoder, slot)))
     layers = list(decoder.layers)
+    in_order = sorted(modalities, key=lambda m: m.fusion_rank)  # stable: equal ranks keep the given order
     for i, layer in enumerate(layers):
-        blocks = {m.name: m.new_block() for m in modalities if i in m.fusion_layers}
+        blocks = {m.name: m.new_block() for m in in_order if i in m.fusion_layers}
         if blocks:
             layers[i] = FusionLayer(layer, blocks)
     fused.layers = nn.ModuleList(layers)

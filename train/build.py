@@ -303,20 +303,21 @@ def _task_modality(task: str) -> str | None:
 
 
 def model_modalities(cfg: RecipeConfig) -> list[str]:
-    """`model.modalities`, else the one `data.task` carries (`image` for caption / vqa, `speech` for asr / ast)."""
+    """`model.modalities`, else the one `data.task` carries (`image` for caption / vqa, `speech` for asr / ast,
+    `image` and `video` for the video tasks: frames go through the image encoder)."""
     if cfg.model.modalities:
         return list(cfg.model.modalities)
     modality = _task_modality(cfg.data.task)
     if modality is None:
         raise RecipeError(f"data.task={cfg.data.task!r} carries no media; name the model's modalities in model.modalities")
-    return [modality]
+    return ["image", "video"] if modality == "video" else [modality]
 
 
 def modality_fields(cfg: RecipeConfig) -> dict[str, Any]:
     """The recipe's model section as `modalities_from_fields` reads it."""
     m = cfg.model
     return {"modalities": model_modalities(cfg), "encoder": m.encoder, "vision": vision_fields(cfg),
-            "fusion_layers": list(m.fusion_layers), "speech": dict(m.speech)}
+            "fusion_layers": list(m.fusion_layers), "speech": dict(m.speech), "video": dict(m.video)}
 
 
 def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama:
@@ -343,7 +344,7 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
         raise RecipeError("model.train lists decoder: the adapter stages keep the LM frozen, and a run's export "
                           "(adapter.safetensors) holds only adapter weights; remove decoder from model.train")
     init_fusion_gates(model, model_cfg.fusion_gate_init)
-    if "image" in model.modality_names and _task_modality(cfg.data.task) == "image":  # what the loader tiles
+    if "image" in model.modality_names and _task_modality(cfg.data.task) in ("image", "video"):  # what the loader tiles
         check_data_geometry(cfg, model.image.encoder.tile_size, model.image.encoder.max_tiles)
     if model_cfg.encoder_checkpoint:
         load_encoder_checkpoint(model, model_cfg.encoder_checkpoint)

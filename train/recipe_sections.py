@@ -38,7 +38,11 @@ class ModelConfig:
     two of them hold is an error. `train`: the stage's trainable groups, named by the model
     (`[image.encoder, image.fusion]`; null = every group but the LM's `decoder`); everything else is
     frozen. A `llama` model has the one group `decoder`, which always trains. `modalities`: what the
-    model reads (`image`, `speech`; null = the modality of `data.task`); `speech`: the speech modality's
+    model reads (`image`, `video`, `speech`; null = the modality of `data.task`, with `image` beside
+    `video`); `video`: the video modality's `aggregator` (perceiver: a preset name, `tiny` or `paper`,
+    or a mapping of `adapters.perceiver.PerceiverConfig` fields with an optional `preset`),
+    `fusion_layers` (empty: every 4th image cross-attention layer) and `frame_chunk` (frames per
+    image-encoder call); `speech`: the speech modality's
     `encoder` and `adapter` (a preset name, `tiny` or `paper`, or a mapping of fields with an optional
     `preset`), `encoder_checkpoint` (a BEST-RQ run or its `speech_encoder.safetensors`: the Conformer
     to start from) and `best_rq`. `contrastive`: settings of
@@ -57,6 +61,7 @@ class ModelConfig:
     fusion_gate_init: float = 0.0
     modalities: list[str] | None = None
     speech: dict[str, Any] = field(default_factory=dict)
+    video: dict[str, Any] = field(default_factory=dict)
     train: list[str] | None = None
     contrastive: dict[str, Any] = field(default_factory=dict)
 
@@ -71,8 +76,11 @@ class ModelConfig:
             out.append(f"model.train={self.train}: a model.kind=llama stage trains its one group, decoder; "
                        "leave model.train out")
         out += [f"model.fusion_layers has a negative index {i}" for i in self.fusion_layers if i < 0]
-        out += [f"model.modalities: unknown modality {m!r}; use image and/or speech"
-                for m in self.modalities or [] if m not in ("image", "speech")]
+        out += [f"model.modalities: unknown modality {m!r}; use image, video and/or speech"
+                for m in self.modalities or [] if m not in ("image", "video", "speech")]
+        if self.modalities and "video" in self.modalities and "image" not in self.modalities:
+            out.append("model.modalities lists video without image: video frames go through the image modality's "
+                       "encoder; list both (modalities: [image, video])")
         return out  # a non-finite fusion_gate_init is caught by non_finite_values, as every float is
 
     def init_runs(self) -> list[str]:

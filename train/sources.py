@@ -96,6 +96,8 @@ def task_loader_source(cfg: RecipeConfig, task: str, tokenizer: Tokenizer | None
         options["prompt"] = d.prompt
     if d.max_batch_seconds is not None and TASKS[task].modality == "speech":
         options["max_batch_seconds"] = d.max_batch_seconds
+    if d.num_frames is not None and TASKS[task].modality == "video":
+        options["num_frames"] = d.num_frames
     with warnings.catch_warnings():
         if evaluation:
             warnings.simplefilter("ignore")  # one process reads every eval shard: the few-shards warning is moot

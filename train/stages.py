@@ -32,6 +32,7 @@ from mm_llama.data.tasks import TASKS, task_names
 from mm_llama.fusion import fusion_schedule
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.modalities.speech import speech_configs
+from mm_llama.modalities.video import video_config
 from mm_llama.train.build import (
     ENCODER_FILE, MODEL_DIR, SPEECH_ENCODER_FILE, TOKENIZER_FILES, build_llama, build_multimodal, build_speech_encoder,
     lm_checkpoint_dir, load_recipe_tokenizer, model_modalities, vision_fields,
@@ -172,7 +173,7 @@ STAGES: dict[str, Stage] = {
     "contrastive": Stage("contrastive", "multimodal", ("contrastive",), ENCODER_FILE, _build_contrastive,
                          _contrastive_source, lambda model: model.lm, lambda model: model.encoder.state_dict(),
                          _contrastive_export),
-    "adapter": Stage("adapter", "multimodal", ("image_text", "audio_text"), ADAPTER_FILE, build_multimodal,
+    "adapter": Stage("adapter", "multimodal", ("image_text", "video_text", "audio_text"), ADAPTER_FILE, build_multimodal,
                      _adapter_source, lambda model: model.decoder, _adapter_state, _adapter_export),
     "best_rq": Stage("best_rq", "speech_encoder", ("speech_pretrain",), SPEECH_ENCODER_FILE, build_speech_encoder,
                      _best_rq_source, None, _best_rq_state, _best_rq_export, needs_tokenizer=False),
@@ -229,6 +230,13 @@ def resolve_recipe(cfg: RecipeConfig) -> RecipeConfig:
                 raise RecipeError(str(err)) from err
             changes["speech"] = {**dict(model.speech), "encoder": dataclasses.asdict(encoder),
                                  "adapter": dataclasses.asdict(adapter)}
+        if "video" in changes["modalities"]:
+            try:
+                aggregator, layers, frame_chunk = video_config(dict(model.video))
+            except ValueError as err:
+                raise RecipeError(str(err)) from err
+            changes["video"] = {"aggregator": dataclasses.asdict(aggregator), "fusion_layers": list(layers),
+                                "frame_chunk": frame_chunk}
     if stage.name == "adapter" and model.base_lm and "image" in changes["modalities"]:
         n_layers = llama_config_from_dir(lm_checkpoint_dir(model.base_lm)).n_layers
         changes["fusion_layers"] = list(model.fusion_layers) or fusion_schedule(n_layers, max(1, n_layers // 4))

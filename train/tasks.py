@@ -133,6 +133,16 @@ class ImageTextTask(Task):
         return StepResult(loss, units, int(text.attention_mask.sum()), int(text.input_ids.shape[0]))
 
 
+class VideoTextTask(ImageTextTask):
+    """Video captioning / QA (`VideoTextBatch`: frames + frame mask) through a `MultimodalLlama` with a video
+    modality; loss on the response tokens."""
+
+    name = "video_text"
+
+    def media(self, batch: Any) -> dict[str, Any]:
+        return {"video": batch}
+
+
 class AudioTextTask(ImageTextTask):
     """ASR / AST (`AudioTextBatch`: log-mel features + lengths) through a `MultimodalLlama` with a speech
     modality; loss on the response tokens."""
@@ -182,7 +192,7 @@ class ContrastiveTask(Task):
 
 
 TASK_FAMILIES: dict[str, Callable[..., Task]] = {
-    "text": LMTask, "image_text": ImageTextTask, "audio_text": AudioTextTask, "speech_pretrain": BestRqTask,
+    "text": LMTask, "image_text": ImageTextTask, "video_text": VideoTextTask, "audio_text": AudioTextTask, "speech_pretrain": BestRqTask,
     "contrastive": ContrastiveTask,
 }
 """The step function of each task family (`mm_llama.data.tasks`) that can train yet."""
@@ -199,6 +209,6 @@ def task_for(name: str, device: torch.device, precision: str = "auto") -> Task:
 
 
 __all__ = [
-    "AudioTextTask", "BestRqTask", "ContrastiveTask", "ImageTextTask", "LMTask", "StepResult", "TASK_FAMILIES", "Task", "autocast",
+    "AudioTextTask", "BestRqTask", "VideoTextTask", "ContrastiveTask", "ImageTextTask", "LMTask", "StepResult", "TASK_FAMILIES", "Task", "autocast",
     "label_count", "shifted_cross_entropy", "task_for",
 ]

@@ -28,6 +28,7 @@ from mm_llama.config import ConfigFields, LlamaConfig
 from mm_llama.fusion import fusion_schedule
 from mm_llama.modalities import ImageModality, Modality, SpeechModality
 from mm_llama.modalities.speech import speech_config_fields, speech_configs
+from mm_llama.modalities.video import VideoModality, video_config, video_config_fields
 from mm_llama.model import LlamaDecoder
 from mm_llama.multimodal import DECODER_GROUP, MultimodalConfig, MultimodalLlama
 
@@ -195,6 +196,8 @@ def save_adapter(model: MultimodalLlama, out_dir: str | Path, *, base_lm: str | 
                            fusion_layers=list(modality.fusion_layers))
         elif isinstance(modality, SpeechModality):
             run_cfg["speech"] = speech_config_fields(modality)
+        elif isinstance(modality, VideoModality):
+            run_cfg["video"] = video_config_fields(modality)
     run_cfg["n_fusion_tokens"] = model.n_media_tokens
     atomic_write(out / ADAPTER_FILE, safetensors_bytes(adapter_state_dict(model, groups), metadata={"format": "pt"}))
     atomic_write(out / RUN_CONFIG, yaml.safe_dump(run_cfg, sort_keys=False))
@@ -202,11 +205,12 @@ def save_adapter(model: MultimodalLlama, out_dir: str | Path, *, base_lm: str | 
 
 
 def read_adapter_run_config(directory: str | Path) -> dict[str, Any]:
-    """`{base_lm, modalities, encoder, vision, fusion_layers, speech, n_fusion_tokens}` of a run / export.
+    """`{base_lm, modalities, encoder, vision, fusion_layers, speech, video, n_fusion_tokens}` of a run / export.
 
     `config.yaml` is either `save_adapter`'s own schema (those keys at the top level) or the training
     recipe `mm-llama train` writes (a `model:` section holding `base_lm`, the resolved `modalities`, the
-    image settings `encoder`, `vision`, `fusion_layers` and the speech settings `speech`). Runs from before
+    image settings `encoder`, `vision`, `fusion_layers`, the speech settings `speech` and the video settings
+    `video`). Runs from before
     modalities were recorded are image runs. The image settings are needed only when `image` is among the
     modalities. `base_lm` is returned as written, `vision` without `weights` (the adapter file holds the
     encoder's weights).
@@ -230,14 +234,15 @@ def read_adapter_run_config(directory: str | Path) -> dict[str, Any]:
     else:
         model, where = run_cfg, str(path)
     modalities = list(model.get("modalities") or ["image"])
-    needed = ["base_lm"] + (["encoder", "vision", "fusion_layers"] if "image" in modalities else [])
+    needed = ["base_lm"] + (["encoder", "vision", "fusion_layers"] if {"image", "video"} & set(modalities) else [])
     missing = [k for k in needed if not model.get(k) and model.get(k) != {}]
     if missing:
         raise CheckpointError(f"{where} lacks {', '.join(missing)}; it was not written by save_adapter or "
                               "`mm-llama train`")
     fields = {"base_lm": model["base_lm"], "modalities": modalities, "encoder": model.get("encoder"),
               "vision": dict(model.get("vision") or {}), "fusion_layers": list(model.get("fusion_layers") or []),
-              "speech": dict(model.get("speech") or {}), "n_fusion_tokens": model.get("n_fusion_tokens", 8)}
+              "speech": dict(model.get("speech") or {}), "video": dict(model.get("video") or {}),
+              "n_fusion_tokens": model.get("n_fusion_tokens", 8)}
     fields["vision"].pop("weights", None)
     return fields
 
@@ -245,18 +250,28 @@ def read_adapter_run_config(directory: str | Path) -> dict[str, Any]:
 def modalities_from_fields(text: LlamaConfig, fields: dict[str, Any]) -> list[Modality]:
     """The modalities `fields` (`read_adapter_run_config`'s, or a recipe's model section) describe, in the
     order they are named: `image` from `encoder` / `vision` / `fusion_layers` (empty: every 4th layer),
-    `speech` from `speech` (`SpeechModality` presets or fields)."""
-    out: list[Modality] = []
-    for name in fields["modalities"]:
-        if name == "image":
-            layers = tuple(fields.get("fusion_layers") or fusion_schedule(text.n_layers, max(1, text.n_layers // 4)))
-            out.append(ImageModality(text, vision_config_from_dict(fields["encoder"], fields["vision"]),
-                                     encoder=fields["encoder"], fusion_layers=layers))
-        elif name == "speech":
-            out.append(SpeechModality(text, *speech_configs(fields.get("speech") or {})))
-        else:
-            raise ValueError(f"unknown modality {name!r}; known: image, speech")
-    return out
+    `speech` from `speech` (`SpeechModality` presets or fields), `video` from `video` (it encodes frames
+    with the image modality's encoder, so `image` must be named too)."""
+    names = list(fields["modalities"])
+    unknown = [n for n in names if n not in ("image", "speech", "video")]
+    if unknown:
+        raise ValueError(f"unknown modality {unknown[0]!r}; known: image, speech, video")
+    if "video" in names and "image" not in names:
+        raise ValueError("the video modality encodes frames with the image modality's encoder: name image too "
+                         "(modalities: [image, video])")
+    built: dict[str, Modality] = {}
+    if "image" in names:
+        layers = tuple(fields.get("fusion_layers") or fusion_schedule(text.n_layers, max(1, text.n_layers // 4)))
+        built["image"] = ImageModality(text, vision_config_from_dict(fields["encoder"], fields["vision"]),
+                                       encoder=fields["encoder"], fusion_layers=layers)
+    if "speech" in names:
+        built["speech"] = SpeechModality(text, *speech_configs(fields.get("speech") or {}))
+    if "video" in names:
+        aggregator, video_layers, frame_chunk = video_config(fields.get("video"))
+        image = built["image"]
+        assert isinstance(image, ImageModality)
+        built["video"] = VideoModality(text, image, aggregator, fusion_layers=video_layers, frame_chunk=frame_chunk)
+    return [built[n] for n in names]
 
 
 def adapter_run_base_lm(directory: str | Path) -> Path:
