@@ -1,6 +1,8 @@
 """Subcommands of `mm-llama`; each entry adds its parser (which sets `run`) to the subparsers."""
 
-from mm_llama.commands import ask, bench, demo, evaluate, generate, image_commands, shards, speech_commands, synth, train
+from mm_llama.commands import (
+    ask, bench, demo, evaluate, generate, image_commands, shards, speech_commands, synth, train, video_commands,
+)
 
 PARSERS = [
     generate.add_parser,
@@ -8,6 +10,7 @@ PARSERS = [
     image_commands.add_vqa_parser,
     speech_commands.add_transcribe_parser,
     speech_commands.add_translate_parser,
+    video_commands.add_parser,
     ask.add_parser,
     shards.add_parser,
     train.add_parser,
