@@ -1,4 +1,5 @@
-"""Evaluation of an image model on shards: captioning (CIDEr, exact match) and VQA (VQA accuracy).
+"""Evaluation of an image model on shards: captioning (CIDEr, exact match) and VQA (VQA accuracy), and the
+loop video evaluation (:mod:`mm_llama.train.video_evaluation`) shares (:func:`run_evaluation`).
 
 The metrics are in :mod:`mm_llama.train.eval_metrics`, the result type and its file / table in
 :mod:`mm_llama.train.eval_result` (both re-exported here).
@@ -16,16 +17,16 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mm_llama.data.image_transform import ImageTransform, TiledImage
-from mm_llama.data.prompts import DEFAULT_CAPTION_PROMPT, prompt_ids
+from mm_llama.data.image_transform import TiledImage
+from mm_llama.data.prompts import prompt_ids
 from mm_llama.data.records import EmptyReferenceError, Record
 from mm_llama.data.tasks import TASKS, get_task
 from mm_llama.generation import GenerationConfig, generate
@@ -48,7 +49,10 @@ __all__ = [
     "EVAL_TASKS",
     "EmptyReferenceError",
     "EvalResult",
+    "MediaEval",
     "caption_tokens",
+    "check_eval_arguments",
+    "check_image_model",
     "check_result_path",
     "cider",
     "cider_scores",
@@ -58,6 +62,7 @@ __all__ = [
     "majority_baseline",
     "normalize_answer",
     "question_type",
+    "run_evaluation",
     "vqa_accuracy",
     "vqa_score",
     "write_result",
@@ -66,14 +71,14 @@ __all__ = [
 EVAL_TASKS = tuple(name for name, spec in TASKS.items() if spec.evaluated and spec.modality == "image")
 """Tasks :func:`evaluate` knows."""
 
-DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"caption": 48, "vqa": 10}
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"caption": 48, "vqa": 10, "video_caption": 48, "video_qa": 10}
 """Generation budget per task when none is given (captions are one sentence, answers a word or two)."""
 
 BLANK_GREY = (128, 128, 128)
 """The colour of the blank images of the control run."""
 
 # --------------------------------------------------------------------------------------------------
-# the eval loop
+# the eval loop (shared by image and video evaluation)
 
 
 @dataclass
@@ -83,41 +88,64 @@ class _Item:
     key: str
     shard: str
     prompt: list[int]
-    tiled: TiledImage
+    media: Any  # the model input of one sample: a TiledImage (image tasks), a clip's tiled frames (video tasks)
     references: list[str]
-    text: str  # the question (vqa) or the instruction (caption)
+    text: str  # the question as written in the shard (qa) or the instruction (caption)
     qtype: str | None = None
-    image_key: str | None = None  # vqa: KEY.json's `image_key`, the image-caption record of the same image
+    extra: dict[str, Any] = field(default_factory=dict)  # per-record facts kept in the result (qa: image_key)
+
+
+@dataclass(frozen=True)
+class MediaEval:
+    """What one modality adds to the shared loop.
+
+    tiled: a sample of the reader → the model input of that sample (raises ValueError to skip it).
+    prefill: the inputs of a batch → ``generate``'s ``prefill_inputs``.
+    question: the question as written → the question as sent (video_qa's ``--question-style``).
+    extra: a sample and its record → facts kept in each qa record of the result.
+    settings: entries of the result's settings (tiling, the control, ...).
+    control: the name of the control run in the progress bar, when it is one.
+    """
+
+    tiled: Callable[[Mapping[str, Any]], Any]
+    prefill: Callable[[list[Any]], dict[str, Any]]
+    question: Callable[[str], str] = str
+    extra: Callable[[Mapping[str, Any], Record], dict[str, Any]] = lambda sample, record: {}
+    settings: dict[str, Any] = field(default_factory=dict)
+    control: str | None = None
 
 
 def _references(task: str, sample: Mapping[str, Any]) -> Record:
     """The record as training reads it (`mm_llama.data.records`); a caption must also have words to score."""
     record = get_task(task).read(sample.get("txt"), sample["json"])
-    if task == "caption" and not any(caption_tokens(r) for r in record.references):
+    if _is_caption(task) and not any(caption_tokens(r) for r in record.references):
         raise ValueError(f"the caption {record.references[0]!r:.80} has no words")
     return record
 
 
-def _make_item(sample: Mapping[str, Any], task: str, tokenizer: Tokenizer, media: MediaTokens, transform: ImageTransform,
-               *, prompt: str | None, blank_images: bool, max_seq_len: int) -> _Item:
+def _is_caption(task: str) -> bool:
+    return get_task(task).response_field == "caption"
+
+
+def _prompt_fields(task: str, prompt: str | None, question: str | None) -> dict[str, Any]:
+    """The prompt fields of a caption (the instruction, when not the default) or of a question."""
+    if _is_caption(task):
+        return {"prompt": prompt} if prompt is not None else {}
+    return {"question": question}
+
+
+def _make_item(sample: Mapping[str, Any], task: str, tokenizer: Tokenizer, media: MediaTokens, how: MediaEval,
+               *, prompt: str | None, max_seq_len: int) -> _Item:
     record = _references(task, sample)
-    references = list(record.references)
-    if task == "caption":
-        fields: dict[str, Any] = {"prompt": prompt} if prompt is not None else {}
-    else:
-        fields = {"question": record.fields["question"]}
-    qtype, image_key = record.qtype, record.extra.get("image_key")
-    ids = prompt_ids(tokenizer, media, task, fields)
+    question = None if _is_caption(task) else record.fields["question"]  # as written in the shard
+    sent = None if question is None else how.question(question)
+    ids = prompt_ids(tokenizer, media, task, _prompt_fields(task, prompt, sent))
     if len(ids) >= max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens, leaving no room to answer within the model's "
                          f"max_seq_len of {max_seq_len}")
-    image: Image.Image = sample["image"]
-    if blank_images:
-        image = Image.new("RGB", image.size, BLANK_GREY)
-    tiled = transform(image, source=sample.get("image_name"))
-    text = fields.get("question") or fields.get("prompt") or DEFAULT_CAPTION_PROMPT
-    return _Item(key=sample["key"], shard=sample["shard"], prompt=ids, tiled=tiled, references=references,
-                 text=text, qtype=qtype, image_key=image_key)
+    text = question or prompt or str(get_task(task).user_default)
+    return _Item(key=sample["key"], shard=sample["shard"], prompt=ids, media=how.tiled(sample),
+                 references=list(record.references), text=text, qtype=record.qtype, extra=how.extra(sample, record))
 
 
 def _positive(name: str, value: Any, allow_none: bool = False) -> None:
@@ -125,6 +153,35 @@ def _positive(name: str, value: Any, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_eval_arguments(task: str, tasks: Sequence[str], *, batch_size: int, max_samples: int | None,
+                         max_new_tokens: int | None, prompt: str | None) -> int:
+    """ValueError for a bad argument of an evaluation; returns the generation budget (the task's default
+    when ``max_new_tokens`` is None)."""
+    if task not in tasks:
+        raise ValueError(f"unknown eval task {task!r}; expected one of {', '.join(tasks)}")
+    _positive("batch_size", batch_size)
+    _positive("max_samples", max_samples, allow_none=True)
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
+    _positive("max_new_tokens", max_new_tokens)
+    if prompt is not None and not _is_caption(task):
+        raise ValueError(f"prompt applies to the caption task only (caption, video_caption; {task} prompts are "
+                         "the questions)")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+        raise ValueError(f"prompt must be a non-empty string or None (the training default), got {prompt!r}")
+    return max_new_tokens
+
+
+def check_image_model(model: Any, caller: str) -> Any:
+    """The vision config of ``model``'s image modality; ValueError when it has none."""
+    vision = getattr(getattr(model, "image", None), "vision_cfg", None)
+    if vision is None or not hasattr(vision, "tile_size"):
+        raise ValueError(
+            f"{caller} needs an image model (a MultimodalLlama with an image modality), got {type(model).__name__}; "
+            "load it with mm_llama.image_chat.load_image_model"
+        )
+    return vision
 
 
 @torch.no_grad()
@@ -167,28 +224,37 @@ def evaluate(
     counted and listed in ``EvalResult.skipped``; nothing in the data makes this raise. Raises
     ValueError for bad arguments and when no sample at all could be evaluated.
     """
-    if task not in EVAL_TASKS:
-        raise ValueError(f"unknown eval task {task!r}; expected one of {', '.join(EVAL_TASKS)}")
-    _positive("batch_size", batch_size)
-    _positive("max_samples", max_samples, allow_none=True)
-    max_new_tokens = DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
-    _positive("max_new_tokens", max_new_tokens)
-    if prompt is not None and task != "caption":
-        raise ValueError("prompt applies to the caption task only (VQA prompts are the questions)")
-    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
-        raise ValueError(f"prompt must be a non-empty string or None (the training default), got {prompt!r}")
-    vision = getattr(getattr(model, "image", None), "vision_cfg", None)
-    if vision is None or not hasattr(vision, "tile_size"):
-        raise ValueError(
-            f"evaluate needs an image model (a MultimodalLlama with an image modality), got {type(model).__name__}; "
-            "load it with mm_llama.image_chat.load_image_model"
-        )
-
-    reader = EvalShardReader(shards)
+    max_new_tokens = check_eval_arguments(task, EVAL_TASKS, batch_size=batch_size, max_samples=max_samples,
+                                          max_new_tokens=max_new_tokens, prompt=prompt)
+    vision = check_image_model(model, "evaluate")
     transform = image_transform(model)
+
+    def tiled(sample: Mapping[str, Any]) -> TiledImage:
+        image: Image.Image = sample["image"]
+        if blank_images:
+            image = Image.new("RGB", image.size, BLANK_GREY)
+        return transform(image, source=sample.get("image_name"))
+
+    how = MediaEval(
+        tiled=tiled,
+        prefill=lambda inputs: {"images": image_batch(model, inputs)},
+        extra=lambda sample, record: {"image_key": record.extra.get("image_key")},
+        settings={"blank_images": blank_images, "tile_size": vision.tile_size, "max_tiles": vision.max_tiles},
+        control="blank" if blank_images else None,
+    )
+    return run_evaluation(model, tokenizer, EvalShardReader(shards), task, how, batch_size=batch_size,
+                          max_samples=max_samples, max_new_tokens=max_new_tokens, prompt=prompt, progress=progress)
+
+
+def run_evaluation(model: MultimodalLlama, tokenizer: Tokenizer, reader: EvalShardReader, task: str, how: MediaEval, *,
+                   batch_size: int, max_samples: int | None, max_new_tokens: int, prompt: str | None,
+                   progress: bool) -> EvalResult:
+    """The loop every media evaluation shares: read ``reader``'s samples in order, prompt them as training
+    does, generate greedily in batches of ``batch_size``, skip and count what cannot be used, and score
+    (a caption task by CIDEr, a qa task by VQA accuracy). Arguments are checked by the caller."""
     media = MediaTokens(model.text_cfg.vocab_size)
     # a tokenizer that does not fit the model fails here, once, instead of skipping every sample
-    prompt_ids(tokenizer, media, task, {"question": "?"} if task == "vqa" else ({"prompt": prompt} if prompt else {}))
+    prompt_ids(tokenizer, media, task, _prompt_fields(task, prompt, "?"))
     gen = GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
     was_training = model.training
     model.eval()
@@ -196,16 +262,17 @@ def evaluate(
     total = reader.count_samples() if progress else None  # only the progress bar needs it
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
-    bar = tqdm(total=total, unit="sample", desc=f"eval {task}{' (blank)' if blank_images else ''}",
+    bar = tqdm(total=total, unit="sample", desc=f"eval {task}{f' ({how.control})' if how.control else ''}",
                disable=not progress, dynamic_ncols=True)
     items: list[_Item] = []
     predictions: list[str] = []
     pending: list[_Item] = []
 
     def flush() -> None:
-        batch = image_batch(model, [item.tiled for item in pending])
-        outputs = generate(model, [item.prompt for item in pending], gen, prefill_inputs={"images": batch})
+        prefill = how.prefill([item.media for item in pending])
+        outputs = generate(model, [item.prompt for item in pending], gen, prefill_inputs=prefill)
         for item, out in zip(pending, outputs):
+            item.media = None  # the pixels are not needed any more
             items.append(item)
             predictions.append(tokenizer.decode(out.tokens, skip_special=True).strip())
         bar.update(len(pending))
@@ -219,8 +286,7 @@ def evaluate(
             if max_samples is not None and len(items) + len(pending) >= max_samples:
                 break
             try:
-                item = _make_item(sample, task, tokenizer, media, transform, prompt=prompt,
-                                  blank_images=blank_images, max_seq_len=model.max_seq_len)
+                item = _make_item(sample, task, tokenizer, media, how, prompt=prompt, max_seq_len=model.max_seq_len)
             except ValueError as e:  # missing fields / prompt too long / tiling: skip the sample, keep going
                 reader.skip(sample["shard"], sample["key"], str(e))
                 empty_references += isinstance(e, EmptyReferenceError)
@@ -255,20 +321,18 @@ def evaluate(
         "shards": list(reader.urls),
         "batch_size": batch_size,
         "max_samples": max_samples,
-        "blank_images": blank_images,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy",
-        "tile_size": vision.tile_size,
-        "max_tiles": vision.max_tiles,
+        **how.settings,
     }
-    if task == "caption":
+    if _is_caption(task):
         settings["prompt"] = items[0].text
-        return _caption_result(items, predictions, counts, settings, skipped)
-    return _vqa_result(items, predictions, counts, settings, skipped)
+        return _caption_result(task, items, predictions, counts, settings, skipped)
+    return _vqa_result(task, items, predictions, counts, settings, skipped)
 
 
-def _caption_result(items: list[_Item], predictions: list[str], counts: dict[str, int], settings: dict[str, Any],
-                    skipped: list[dict[str, Any]]) -> EvalResult:
+def _caption_result(task: str, items: list[_Item], predictions: list[str], counts: dict[str, int],
+                    settings: dict[str, Any], skipped: list[dict[str, Any]]) -> EvalResult:
     references = [item.references for item in items]
     corpus, per_caption = cider_scores(predictions, references)
     records = []
@@ -280,11 +344,11 @@ def _caption_result(items: list[_Item], predictions: list[str], counts: dict[str
             "exact_match": float(any(normalize_answer(r) == answer for r in item.references)),
         })
     metrics = {"cider": corpus, "exact_match": exact_match(predictions, references)}
-    return EvalResult("caption", metrics, counts, settings, records, skipped)
+    return EvalResult(task, metrics, counts, settings, records, skipped)
 
 
-def _vqa_result(items: list[_Item], predictions: list[str], counts: dict[str, int], settings: dict[str, Any],
-                skipped: list[dict[str, Any]]) -> EvalResult:
+def _vqa_result(task: str, items: list[_Item], predictions: list[str], counts: dict[str, int],
+                settings: dict[str, Any], skipped: list[dict[str, Any]]) -> EvalResult:
     references = [item.references for item in items]
     questions = [item.text for item in items]
     types = _question_types(questions, [item.qtype for item in items])
@@ -294,7 +358,7 @@ def _vqa_result(items: list[_Item], predictions: list[str], counts: dict[str, in
     for item, qtype, pred, score in zip(items, types, predictions, scores):
         answer = normalize_answer(pred)
         records.append({
-            "key": item.key, "shard": item.shard, "image_key": item.image_key, "question": item.text, "type": qtype,
+            "key": item.key, "shard": item.shard, **item.extra, "question": item.text, "type": qtype,
             "prediction": pred, "references": item.references, "score": score,
             "exact_match": float(any(normalize_answer(r) == answer for r in item.references)),
         })
@@ -316,4 +380,4 @@ def _vqa_result(items: list[_Item], predictions: list[str], counts: dict[str, in
                 "majority_answer": majority[t],
             }
     settings["majority_baseline_groups"] = "type field" if by_type else "normalised question text"
-    return EvalResult("vqa", metrics, counts, settings, records, skipped, by_type)
+    return EvalResult(task, metrics, counts, settings, records, skipped, by_type)

@@ -1,5 +1,5 @@
-"""`mm-llama eval`: score an image or speech model on evaluation shards (thin wrapper over
-`mm_llama.train.evaluation` and `mm_llama.train.speech_evaluation`)."""
+"""`mm-llama eval`: score an image, video or speech model on evaluation shards (thin wrapper over
+`mm_llama.train.evaluation`, `mm_llama.train.video_evaluation` and `mm_llama.train.speech_evaluation`)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,23 @@ from mm_llama.commands.device import add_device_options, resolve_device
 from mm_llama.train.evaluation import (
     DEFAULT_MAX_NEW_TOKENS, EVAL_TASKS, check_result_path, evaluate, format_metrics, write_result,
 )
+from mm_llama.train.video_evaluation import VIDEO_EVAL_TASKS
+from mm_llama.video_chat import DEFAULT_NUM_FRAMES, QUESTION_STYLES
 
 
 SPEECH_EVAL_TASKS = ("asr", "ast")
 
 
 def default_output(model: Path, task: str, blank: bool) -> Path:
-    """``MODEL/eval-TASK.json``, or ``MODEL/eval-TASK-blank.json`` for the blank-image / silence control
-    (so the control never overwrites the real result)."""
+    """``MODEL/eval-TASK.json``, or ``MODEL/eval-TASK-blank.json`` for the blank-image / frozen-frame / silence
+    control (so the control never overwrites the real result)."""
     return model / f"eval-{task}{'-blank' if blank else ''}.json"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="evaluate an image or speech model on shards (CIDEr / VQA accuracy / WER / BLEU)",
+        help="evaluate an image, video or speech model on shards (CIDEr / VQA accuracy / WER / BLEU)",
         description=(
             "Generate greedily for every sample of evaluation shards, in order, with the prompt templates "
             "training uses, and score the outputs: captions by CIDEr (pycocoevalcap's scorer on our own "
@@ -41,27 +43,76 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run/export directory of ours, an HF Mllama or a Meta Llama 3.2 Vision directory")
     p.add_argument("--shards", required=True, nargs="+", metavar="SHARDS",
                    help="eval shards: .tar files, directories of them, globs or brace patterns (read in order)")
-    p.add_argument("--task", required=True, choices=EVAL_TASKS + SPEECH_EVAL_TASKS,
-                   help="caption (image-caption shards), vqa (image-qa shards), asr or ast (speech shards: WER after "
-                        "Whisper's English normalisation, sacreBLEU)")
+    p.add_argument("--task", required=True, choices=EVAL_TASKS + VIDEO_EVAL_TASKS + SPEECH_EVAL_TASKS,
+                   help="caption (image-caption shards), vqa (image-qa shards), video_caption (video-caption shards), "
+                        "video_qa (video-qa shards), asr or ast (speech shards: WER after Whisper's English "
+                        "normalisation, sacreBLEU)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="samples per generation batch (default 8)")
     p.add_argument("--max-samples", type=positive_int, default=None, help="evaluate at most this many samples")
     p.add_argument("--blank-images", action="store_true",
                    help="control run: replace every image by a mid-grey image of the same size")
+    p.add_argument("--blank-video", action="store_true",
+                   help="control run (video_caption / video_qa): replace every frame by the clip's first (motion "
+                        "gone, content kept)")
     p.add_argument("--blank-audio", action="store_true",
                    help="control run (asr / ast): replace every utterance by silence of the same length")
     p.add_argument("--language", default=None,
                    help="asr: the language of records without one; ast: the target language of records without one")
     p.add_argument("--prompt", default=None,
-                   help="caption instruction (default: the training default); caption task only")
+                   help="caption instruction (default: the training default); caption and video_caption only")
+    p.add_argument("--question-style", choices=QUESTION_STYLES, default=None,
+                   help="video_qa: plain sends the question as written in the shard, as training reads it (default); "
+                        "short / choice the paper's short-answer / multiple-choice wordings")
+    p.add_argument("--num-frames", type=positive_int, default=None,
+                   help=f"video tasks: frames sampled uniformly from each clip (default {DEFAULT_NUM_FRAMES})")
     budgets = ", ".join(f"{task} {n}" for task, n in DEFAULT_MAX_NEW_TOKENS.items())
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help=f"generation budget (default: {budgets})")
     p.add_argument("--out", type=Path, default=None,
-                   help="result JSON (default: MODEL/eval-TASK.json, MODEL/eval-TASK-blank.json with --blank-images)")
+                   help="result JSON (default: MODEL/eval-TASK.json, MODEL/eval-TASK-blank.json with a --blank-* "
+                        "control)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_device_options(p)
     p.set_defaults(run=run)
+
+
+def _control(args: argparse.Namespace) -> bool:
+    """Whether this is a control run; ValueError for a control or option of another kind of task."""
+    kind = "speech" if args.task in SPEECH_EVAL_TASKS else "video" if args.task in VIDEO_EVAL_TASKS else "image"
+    controls = {"image": args.blank_images, "video": args.blank_video, "speech": args.blank_audio}
+    if any(on for name, on in controls.items() if name != kind):
+        raise ValueError("--blank-images is the control of caption / vqa, --blank-audio that of asr / ast, "
+                         "--blank-video that of video_caption / video_qa")
+    if args.question_style is not None and args.task != "video_qa":
+        raise ValueError(f"--question-style applies to --task video_qa only, not {args.task}")
+    if args.num_frames is not None and kind != "video":
+        raise ValueError(f"--num-frames applies to the video tasks only, not {args.task}")
+    return controls[kind]
+
+
+def _evaluate(args: argparse.Namespace, model, tokenizer):
+    """Run the evaluation of the task's kind."""
+    common = {"batch_size": args.batch_size, "max_samples": args.max_samples, "progress": not args.no_progress}
+    if args.task in SPEECH_EVAL_TASKS:
+        from mm_llama.data.prompts import language_name
+        from mm_llama.train.speech_evaluation import evaluate_speech
+
+        language = language_name(args.language) if args.language else None
+        return evaluate_speech(
+            model, tokenizer, args.shards, args.task, blank_audio=args.blank_audio,
+            max_new_tokens=args.max_new_tokens or 128, default_language=language if args.task == "asr" else None,
+            target_language=language if args.task == "ast" else None, **common,
+        )
+    if args.task in VIDEO_EVAL_TASKS:
+        from mm_llama.train.video_evaluation import evaluate_video
+
+        return evaluate_video(
+            model, tokenizer, args.shards, args.task, blank_video=args.blank_video,
+            num_frames=args.num_frames or DEFAULT_NUM_FRAMES, question_style=args.question_style or "plain",
+            max_new_tokens=args.max_new_tokens, prompt=args.prompt, **common,
+        )
+    return evaluate(model, tokenizer, args.shards, args.task, blank_images=args.blank_images,
+                    max_new_tokens=args.max_new_tokens, prompt=args.prompt, **common)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,10 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model.is_dir():
         raise ValueError(f"--model {str(args.model)!r} is not a directory; give a run, HF or Meta model directory")
-    speech = args.task in SPEECH_EVAL_TASKS
-    if (args.blank_images and speech) or (args.blank_audio and not speech):
-        raise ValueError("--blank-images is the control of caption / vqa, --blank-audio that of asr / ast")
-    blank = args.blank_audio if speech else args.blank_images
+    blank = _control(args)
     out = args.out if args.out is not None else default_output(args.model, args.task, blank)
     try:
         check_result_path(out)  # a bad --out fails now, not after the evaluation
@@ -81,25 +129,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out: {err}") from err
     device, dtype = resolve_device(args)
     model, tokenizer = load_image_model(args.model, dtype=dtype, device=device)
-    if speech:
-        from mm_llama.data.prompts import language_name
-        from mm_llama.train.speech_evaluation import evaluate_speech
-
-        language = language_name(args.language) if args.language else None
-        result = evaluate_speech(
-            model, tokenizer, args.shards, args.task, batch_size=args.batch_size, max_samples=args.max_samples,
-            blank_audio=args.blank_audio, max_new_tokens=args.max_new_tokens or 128, progress=not args.no_progress,
-            default_language=language if args.task == "asr" else None,
-            target_language=language if args.task == "ast" else None,
-        )
-    else:
-        result = evaluate(
-            model, tokenizer, args.shards, args.task,
-            batch_size=args.batch_size, max_samples=args.max_samples, blank_images=args.blank_images,
-            max_new_tokens=args.max_new_tokens, prompt=args.prompt, progress=not args.no_progress,
-        )
+    result = _evaluate(args, model, tokenizer)
     write_result(result, out, settings={"model": str(args.model), "device": str(device), "dtype": dtype})
     print(format_metrics(result))
+    if args.blank_video:
+        print("control: every frame was the clip's first (--blank-video)")
     print(f"results: {out}")
     skipped = result.counts["skipped_samples"] + result.counts["damaged_shards"]
     if skipped:  # each one was already reported as a CorruptSampleWarning while reading
