@@ -53,7 +53,9 @@ class PerceiverConfig:
 
 
 PERCEIVER_PRESETS: dict[str, PerceiverConfig] = {
-    "paper": PerceiverConfig(),  # 32 frames → 1 aggregated frame of 64 tokens
+    # 32 frames → 1 aggregated frame of 64 tokens; one layer at the LM width puts the video parameters
+    # (with the video blocks) at the paper's 0.6B for 8B and 4.6B for 70B (tests/mm_llama/modalities)
+    "paper": PerceiverConfig(depth=1),
     "tiny": PerceiverConfig(depth=1, n_heads=4, head_dim=24, n_latents=16, ffn_mult=2, group_size=8),
 }
 

@@ -69,6 +69,7 @@ from mm_llama.data.sample_processors import (
     _AudioProcessor,
     _ImageProcessor,
     _VideoProcessor,
+    check_prompt_for,
 )
 from mm_llama.data.shard_source import UnreadableShardsError, expand_shards, node_info
 from mm_llama.data.tasks import task_names
@@ -154,13 +155,14 @@ def image_text_loader(
 
     Each sample's image becomes `config.max_tiles`-bounded tiles of `config.tile_size` (Llama 3.2 Vision
     tiling) and its text one ``<|image|>`` prompt in the Llama 3 chat format (`prompt` overrides the
-    caption instruction). Batches are `ImageTextBatch`: ``text.input_ids / labels / attention_mask
+    caption instruction; for ``vqa`` it is a wording with a ``{question}`` slot). Batches are `ImageTextBatch`: ``text.input_ids / labels / attention_mask
     [B, T]``, ``images.pixels [B, 1, max_tiles, 3, tile, tile]``, ``aspect_ratio_ids [B, 1]``,
     ``tile_mask [B, 1, max_tiles]``. `media` defaults to ``MediaTokens(tokenizer.vocab_size)``.
     """
     if task not in IMAGE_TASKS:
         raise ValueError(f"image_text_loader task must be one of {IMAGE_TASKS}, got {task!r}")
     urls, tok, media, pad_id = _setup(config, tokenizer, media)
+    check_prompt_for(task, prompt)
     processor = _ImageProcessor(task, tok, media, config, prompt=prompt)
     stream = _BatchStream(urls, config, processor, collate_image_text,
                           {"pad_id": pad_id, "max_tiles": config.max_tiles, "tile_size": config.tile_size})
@@ -179,7 +181,8 @@ def video_text_loader(
     """Video-text batches for `task` ``"video_caption"`` or ``"video_qa"``.
 
     Each clip is decoded to `num_frames` (K) frames spread uniformly over the whole clip, each frame
-    tiled like an image. Batches are `VideoTextBatch`: text ``[B, T]``, ``frames.pixels
+    tiled like an image (`prompt`: the caption instruction, or for ``video_qa`` a wording with a
+    ``{question}`` slot). Batches are `VideoTextBatch`: text ``[B, T]``, ``frames.pixels
     [B, K, max_tiles, 3, tile, tile]`` with ``frames.tile_mask [B, K, max_tiles]`` and ``frame_mask
     [B, K]``.
     """
@@ -188,6 +191,7 @@ def video_text_loader(
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
     urls, tok, media, pad_id = _setup(config, tokenizer, media)
+    check_prompt_for(task, prompt)
     processor = _VideoProcessor(task, tok, media, config, num_frames=num_frames, prompt=prompt)
     stream = _BatchStream(urls, config, processor, collate_video_text,
                           {"pad_id": pad_id, "max_tiles": config.max_tiles, "tile_size": config.tile_size})

@@ -110,6 +110,16 @@ def _read(task: str, text: str | None, meta: Mapping[str, Any], **options: Any) 
         raise _Skip(e.reason, str(e)) from None
 
 
+QUESTION_SLOT = "{question}"
+
+
+def check_prompt_for(task: str, prompt: str | None) -> None:
+    """A `prompt` for a question-answering task must say where the question goes."""
+    if prompt is not None and get_task(task).user_field == "question" and QUESTION_SLOT not in prompt:
+        raise ValueError(f"prompt {prompt!r:.80} for task {task!r} has no {QUESTION_SLOT} slot: a question-answering "
+                         f"prompt is a wording around each question, e.g. 'Answer briefly. {QUESTION_SLOT}'")
+
+
 class _Processor:
     """Base of the per-family sample processors: a pipeline stage `(samples, recorder) → _Item`s."""
 
@@ -129,12 +139,19 @@ class _Processor:
     def read_fields(self, sample: Mapping[str, Any], recorder: StatsRecorder,
                     prompt: str | None = None) -> tuple[str, dict[str, Any]]:
         """`(the task the record is, its fields)` from KEY.txt / KEY.json; `prompt` replaces the default
-        instruction of a task whose user turn is one (captions)."""
+        instruction of a task whose user turn is one (captions), and for question answering is a wording
+        with `{question}` where each question goes (e.g. the paper's evaluation wording, so a model is
+        trained as it will be asked: `short_answer_question`)."""
         with _Timer(recorder, "decode", "bad_metadata"):
             text, meta = _metadata(sample)
         task, fields = _read(self.task, text, meta)
-        if prompt is not None and get_task(task).user_field == "prompt":
+        user_field = get_task(task).user_field
+        if prompt is not None and user_field == "prompt":
             fields["prompt"] = prompt
+        elif prompt is not None and user_field == "question" and QUESTION_SLOT in prompt:
+            fields["question"] = prompt.replace(QUESTION_SLOT, fields["question"])
+            if "turns" in fields:
+                fields["turns"] = [(prompt.replace(QUESTION_SLOT, q), a) for q, a in fields["turns"]]
         return task, fields
 
     def augment(self, value: Any) -> Any:

@@ -114,7 +114,9 @@ class DataConfig:
     `min_samples_before_check`); `tile_size` / `max_tiles`: image tiling (tile_size null = the model's);
     `num_frames`: video frames per clip; `max_batch_seconds`: audio batches hold at most this much padded
     audio; `max_seq_len`: tokens per sample (null = no limit); `tokenizer`: path (null = the base LM's);
-    `prompt`: overrides the task's instruction; `options`: further task-specific keyword arguments.
+    `prompt`: overrides the task's instruction (question answering: a wording with a `{question}` slot,
+    e.g. "Answer the question using a single word or phrase. {question}", the paper's evaluation wording);
+    `options`: further task-specific keyword arguments.
     """
 
     shards: list[str] = field(default_factory=list)

@@ -114,7 +114,7 @@ def test_corrupt_samples_are_counted_and_exit_status_is_1(model_dir: Path, synth
 
 
 def test_usage_errors(model_dir: Path, synth_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match=r"reads \['image'\], not video"):
         _run(["--model", str(model_dir), "--shards", str(synth_dir), "--task", "video_qa"])
     with pytest.raises(ValueError, match=r"needs a model with a speech modality, got \['image'\]"):
         _run(["--model", str(model_dir), "--shards", str(synth_dir), "--task", "asr"])

@@ -238,3 +238,17 @@ def test_the_perceiver_reads_only_the_tiles_a_frame_has() -> None:
     assert torch.allclose(latents, expected, atol=1e-5)
     assert not torch.allclose(latents, everything, atol=1e-3)  # the padding tiles' tokens are not zero
     assert group_mask.tolist() == [[True, True]]
+
+
+@pytest.mark.parametrize("shape, paper_billions", [("llama3-8b", 0.6), ("llama3.1-70b", 4.6)])
+def test_the_paper_preset_has_the_papers_video_parameter_count(shape: str, paper_billions: float) -> None:
+    from mm_llama.adapters.perceiver import PERCEIVER_PRESETS
+    from mm_llama.fusion import fusion_schedule
+
+    text = preset(shape)
+    with torch.device("meta"):
+        image = ImageModality(text, _vision(), fusion_layers=tuple(fusion_schedule(text.n_layers, text.n_layers // 4)))
+        model = MultimodalLlama(LlamaDecoder(text), [image, VideoModality(text, image, PERCEIVER_PRESETS["paper"])])
+    groups = model.parameter_groups()
+    n = sum(p.numel() for g in ("video.aggregator", "video.fusion") for p in groups[g].values())
+    assert abs(n / 1e9 - paper_billions) / paper_billions < 0.1, n
