@@ -23,7 +23,7 @@ from mm_llama.multimodal import MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_NUM_FRAMES", "DEFAULT_VIDEO_PROMPT", "QUESTION_STYLES", "ClipTransform", "VideoClips",
-           "answer_video", "check_video_model", "first_frame_clip", "read_video", "styled_question", "video_batch",
+           "answer_video", "check_video_model", "run_video_settings", "first_frame_clip", "read_video", "styled_question", "video_batch",
            "video_transform"]
 
 DEFAULT_NUM_FRAMES = 16  # the paper's video pretraining clips (REFERENCE.md §3)
@@ -53,6 +53,26 @@ class ClipTransform:
         if frames.ndim != 4 or frames.shape[0] < 1:
             raise ValueError(f"a clip must be frames [K, 3, H, W] with K >= 1, got shape {tuple(frames.shape)}")
         return [self.image.tile_tensor(frame) for frame in frames]
+
+
+def run_video_settings(model_dir: str | Path) -> tuple[int | None, str | None]:
+    """`(frames per clip, question style)` a training run used (`data.num_frames`; `data.prompt` when it is
+    one of the paper's wordings, `plain` when there is none), so a model is asked as it was trained;
+    `(None, None)` for what the run does not record (an export, a run of another task)."""
+    import yaml
+
+    path = Path(model_dir) / "config.yaml"
+    try:
+        data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None, None
+    if not isinstance(data, dict) or not str(data.get("task", "")).startswith("video"):
+        return None, None
+    frames = data.get("num_frames") if isinstance(data.get("num_frames"), int) else None
+    prompt = data.get("prompt")
+    wordings = {styled_question("{question}", style): style for style in QUESTION_STYLES}
+    style = "plain" if prompt is None else wordings.get(prompt)
+    return frames, style
 
 
 def check_video_model(model: MultimodalLlama) -> None:

@@ -12,7 +12,7 @@ from mm_llama.commands.device import add_device_options, resolve_device
 from mm_llama.generation import GenerationConfig
 from mm_llama.image_chat import load_image_model
 from mm_llama.media_chat import answer_media
-from mm_llama.video_chat import DEFAULT_NUM_FRAMES
+from mm_llama.video_chat import DEFAULT_NUM_FRAMES, run_video_settings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,8 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video", help="video file (mp4, webm, mkv, ...); --num-frames sampled uniformly")
     p.add_argument("--audio", help="audio file soundfile reads (any rate; stereo is mixed down)")
     p.add_argument("--question", help="typed text after the media (optional when the audio holds the question)")
-    p.add_argument("--num-frames", type=positive_int, default=DEFAULT_NUM_FRAMES,
-                   help=f"frames sampled from the --video clip (default {DEFAULT_NUM_FRAMES})")
+    p.add_argument("--num-frames", type=positive_int, default=None,
+                   help=f"frames sampled from the --video clip (default: the run's data.num_frames, else "
+                        f"{DEFAULT_NUM_FRAMES})")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -41,7 +42,8 @@ def run_ask(args: argparse.Namespace) -> int:
     model, tokenizer = load_image_model(args.model, dtype=dtype, device=device)
     gen = GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     answer = answer_media(model, tokenizer, gen, image=args.image, video=args.video, audio=args.audio,
-                          text=args.question, num_frames=args.num_frames)
+                          text=args.question,
+                          num_frames=args.num_frames or run_video_settings(args.model)[0] or DEFAULT_NUM_FRAMES)
     if args.json:
         print(json.dumps({"image": args.image, "video": args.video, "audio": args.audio, "question": args.question,
                           "answer": answer}))

@@ -61,10 +61,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=None,
                    help="caption instruction (default: the training default); caption and video_caption only")
     p.add_argument("--question-style", choices=QUESTION_STYLES, default=None,
-                   help="video_qa: plain sends the question as written in the shard, as training reads it (default); "
-                        "short / choice the paper's short-answer / multiple-choice wordings")
+                   help="video_qa: plain sends the question as written in the shard; short / choice the paper's "
+                        "short-answer / multiple-choice wordings (default: the wording the run trained with, "
+                        "its data.prompt)")
     p.add_argument("--num-frames", type=positive_int, default=None,
-                   help=f"video tasks: frames sampled uniformly from each clip (default {DEFAULT_NUM_FRAMES})")
+                   help="video tasks: frames sampled uniformly from each clip (default: the run's data.num_frames, "
+                        f"else {DEFAULT_NUM_FRAMES})")
     budgets = ", ".join(f"{task} {n}" for task, n in DEFAULT_MAX_NEW_TOKENS.items())
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help=f"generation budget (default: {budgets})")
@@ -105,10 +107,13 @@ def _evaluate(args: argparse.Namespace, model, tokenizer):
         )
     if args.task in VIDEO_EVAL_TASKS:
         from mm_llama.train.video_evaluation import evaluate_video
+        from mm_llama.video_chat import run_video_settings
 
+        frames, style = run_video_settings(args.model)  # as the run trained, unless the command says otherwise
         return evaluate_video(
             model, tokenizer, args.shards, args.task, blank_video=args.blank_video,
-            num_frames=args.num_frames or DEFAULT_NUM_FRAMES, question_style=args.question_style or "plain",
+            num_frames=args.num_frames or frames or DEFAULT_NUM_FRAMES,
+            question_style=args.question_style or (style if args.task == "video_qa" else None) or "plain",
             max_new_tokens=args.max_new_tokens, prompt=args.prompt, **common,
         )
     return evaluate(model, tokenizer, args.shards, args.task, blank_images=args.blank_images,

@@ -12,7 +12,7 @@ from mm_llama.commands.results import print_results
 from mm_llama.image_chat import load_image_model
 from mm_llama.video_chat import (
     DEFAULT_NUM_FRAMES, DEFAULT_VIDEO_PROMPT, QUESTION_STYLES, answer_video, check_video_model, read_video,
-    styled_question,
+    run_video_settings, styled_question,
 )
 
 
@@ -39,8 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="short: 'Answer the question using a single word or phrase. Q' (default); choice: 'Select "
                         "the correct answer from the following options: Q. Answer with the correct option letter "
                         "and nothing else' (Q holds the options); plain: Q as written")
-    p.add_argument("--num-frames", type=positive_int, default=DEFAULT_NUM_FRAMES,
-                   help=f"frames sampled from each clip (default {DEFAULT_NUM_FRAMES})")
+    p.add_argument("--num-frames", type=positive_int, default=None,
+                   help=f"frames sampled from each clip (default: the run's data.num_frames, else {DEFAULT_NUM_FRAMES})")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON object per clip (video, question, answer)")
     add_device_options(p)
@@ -52,10 +52,11 @@ def run_video_qa(args: argparse.Namespace) -> int:
     model, tokenizer = load_image_model(args.model, dtype=dtype, device=device)
     check_video_model(model)
     sent = DEFAULT_VIDEO_PROMPT if args.question is None else styled_question(args.question, args.style)
+    num_frames = args.num_frames or run_video_settings(args.model)[0] or DEFAULT_NUM_FRAMES
     results = []
     for path in args.video:
         try:
-            frames = read_video(path, args.num_frames)
+            frames = read_video(path, num_frames)
         except ValueError as err:
             results.append(VideoAnswer(path, error=str(err)))
             continue

@@ -218,3 +218,22 @@ def test_ask_with_an_image_and_a_video_uses_both(video_run: Path, clips: list[Cl
         other_image = model(torch.tensor([ids]), media=inputs(str(tmp_path / "b.png"), clips[0].frames))[0, -1]
         other_clip = model(torch.tensor([ids]), media=inputs(str(tmp_path / "a.png"), clips[1].frames))[0, -1]
     assert not torch.allclose(first, other_image) and not torch.allclose(first, other_clip)
+
+
+def test_a_run_is_asked_as_it_was_trained(tmp_path: Path) -> None:
+    import yaml
+
+    from mm_llama.video_chat import run_video_settings
+
+    def run(data: dict) -> tuple:
+        directory = tmp_path / str(len(list(tmp_path.iterdir())))
+        directory.mkdir()
+        (directory / "config.yaml").write_text(yaml.safe_dump({"model": {}, "data": data}))
+        return run_video_settings(directory)
+
+    short = "Answer the question using a single word or phrase. {question}"
+    assert run({"task": "video_qa", "num_frames": 8, "prompt": short}) == (8, "short")
+    assert run({"task": "video_qa", "num_frames": 4, "prompt": None}) == (4, "plain")
+    assert run({"task": "video_qa", "prompt": "Say it: {question}"}) == (None, None)  # not a wording we can name
+    assert run({"task": "vqa", "num_frames": 8}) == (None, None)
+    assert run_video_settings(tmp_path / "missing") == (None, None)
