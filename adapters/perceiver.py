@@ -3,7 +3,7 @@
 Each group of `S = group_size` consecutive frames of a clip is merged into one aggregated frame of
 `L = n_latents` latent tokens. For one group, with `x_j [P, D]` the tokens of its j-th frame:
 
-    media   = concat_j (x_j + time_embed[j])                              [S·P, D]
+    media   = concat_j (x_j + time_embed[j] [+ space_embed])              [S·P, D]
     z_0     = latents                                                      [L, D]
     per layer:
       m, l  = norm_media(media), norm_latents(z)
@@ -94,13 +94,20 @@ class PerceiverLayer(nn.Module):
 class PerceiverResampler(nn.Module):
     """Frames `[B, K, P, D]` → aggregated frames `[B, ⌈K/group_size⌉, n_latents, D]`; see the module docstring."""
 
-    def __init__(self, cfg: PerceiverConfig, dim: int) -> None:
+    def __init__(self, cfg: PerceiverConfig, dim: int, tokens_per_frame: int | None = None) -> None:
+        """`tokens_per_frame` (optional): frames always hold this many tokens, and each position among them
+        gets a learned embedding (`space_embed [P, dim]`) next to the frame-time one."""
         super().__init__()
+        if tokens_per_frame is not None and (isinstance(tokens_per_frame, bool) or not isinstance(tokens_per_frame, int)
+                                             or tokens_per_frame < 1):
+            raise ValueError(f"PerceiverResampler: tokens_per_frame must be a positive int or None, got {tokens_per_frame!r}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"PerceiverResampler: dim must be a positive int, got {dim!r}")
         self.cfg, self.dim = cfg, dim
         self.latents = nn.Parameter(torch.randn(cfg.n_latents, dim) * 0.02)
         self.time_embed = nn.Parameter(torch.randn(cfg.group_size, dim) * 0.02)
+        # where a token sits in its frame, learned (`tokens_per_frame`): motion is a change of place over time
+        self.space_embed = nn.Parameter(torch.randn(tokens_per_frame, dim) * 0.02) if tokens_per_frame else None
         self.layers = nn.ModuleList(PerceiverLayer(cfg, dim) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
 
@@ -112,6 +119,9 @@ class PerceiverResampler(nn.Module):
                              f"was built for dim={self.dim}")
         if frames.shape[1] < 1 or frames.shape[2] < 1:
             raise ValueError(f"frames need at least one frame and one token per frame, got shape {tuple(frames.shape)}")
+        if self.space_embed is not None and frames.shape[2] != self.space_embed.shape[0]:
+            raise ValueError(f"frames hold {frames.shape[2]} tokens each (shape {tuple(frames.shape)}); this resampler "
+                             f"was built for tokens_per_frame={self.space_embed.shape[0]}")
         if frame_mask.shape != frames.shape[:2]:
             raise ValueError(f"frame_mask must be [B, K] = {tuple(frames.shape[:2])} to match frames "
                              f"{tuple(frames.shape)}, got shape {tuple(frame_mask.shape)}")
@@ -140,6 +150,8 @@ class PerceiverResampler(nn.Module):
             frames = torch.cat([frames, frames.new_zeros(batch, pad, tokens, dim)], dim=1)
             frame_mask = torch.cat([frame_mask, frame_mask.new_zeros(batch, pad)], dim=1)
             keep = torch.cat([keep, keep.new_zeros(batch, pad, tokens)], dim=1)
+        if self.space_embed is not None:
+            frames = frames + self.space_embed
         media = (frames.view(batch, groups, size, tokens, dim) + self.time_embed[:, None, :]).reshape(
             batch * groups, size * tokens, dim)
         real = frame_mask.view(batch, groups, size)

@@ -12,7 +12,10 @@ Records per clip:
 - ``video-caption`` layout: ``KEY.mp4`` + ``KEY.txt`` (caption) + ``KEY.json`` (caption, every QA pair
   under ``qa``, objects with start/end centres and colours, fps, frame count, codec);
 - ``video-qa`` layout: one record per selected question (one per question type), key ``KEY-qJ``:
-  ``KEY-qJ.mp4`` + ``KEY-qJ.json`` with ``question``, ``answer``, ``type`` and ``video_key``.
+  ``KEY-qJ.mp4`` + ``KEY-qJ.json`` with ``question``, ``answer``, ``type`` and ``video_key``;
+- ``video-chat`` layout: ``KEY.mp4`` + ``KEY.json`` whose ``turns`` ask the same questions in a shuffled
+  order, then the caption (`MovingShapesSample.chat_record`): task ``video_qa`` trains them as one
+  conversation about the clip.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mm_llama.data.synth import grammar
+from mm_llama.data.tasks import DEFAULT_VIDEO_PROMPT
 from mm_llama.data.synth.grammar import QA, Clip, ClipObject
 from mm_llama.data.synth.shapes import draw_shape
 from mm_llama.data.synth.splits import draw_in_split, sample_key, sample_rng
@@ -39,7 +43,7 @@ FRAMES = 16
 FPS = 8
 RADIUS: dict[str, tuple[int, int]] = {"small": (9, 11), "large": (16, 19)}
 """Radius range in pixels of each size."""
-LAYOUTS: tuple[str, ...] = ("video-caption", "video-qa")
+LAYOUTS: tuple[str, ...] = ("video-caption", "video-qa", "video-chat")
 """Sub-folders (webdataset layouts) that the ``moving-shapes`` kind writes."""
 
 _MOVES: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -193,14 +197,25 @@ class MovingShapesSample:
         }
 
     def records(self) -> dict[str, list[tuple[str, dict[str, bytes]]]]:
-        """Webdataset records per layout: ``{"video-caption": [...], "video-qa": [...]}``."""
+        """Webdataset records per layout: ``{"video-caption": [...], "video-qa": [...], "video-chat": [...]}``."""
         cap = (self.key, {"mp4": self.mp4, "txt": self.caption.encode("utf-8"), "json": _dumps(self.json_dict())})
         qa_records = [
             (f"{self.key}-q{j}", {"mp4": self.mp4,
                                   "json": _dumps({**q.to_dict(), "video_key": self.key, **self.meta})})
             for j, q in enumerate(self.selected_qa)
         ]
-        return {"video-caption": [cap], "video-qa": qa_records}
+        return {"video-caption": [cap], "video-qa": qa_records, "video-chat": [self.chat_record()]}
+
+    def chat_record(self) -> tuple[str, dict[str, bytes]]:
+        """The ``video-chat`` record: the selected questions in a per-sample shuffled order, then the caption
+        asked with the video caption instruction, as ``turns`` of one conversation (task ``video_qa``
+        trains every answer; the caption last, so it cannot answer the questions from the text)."""
+        m = self.meta
+        order = list(self.selected_qa)
+        sample_rng(f"{KIND}-chat", int(m["seed"]), str(m["split"]), int(m["index"])).shuffle(order)
+        turns = [q.to_dict() for q in order] + [{"question": DEFAULT_VIDEO_PROMPT, "answer": self.caption,
+                                                 "type": "caption"}]
+        return self.key, {"mp4": self.mp4, "json": _dumps({"turns": turns, "video_key": self.key, **m})}
 
 
 def _dumps(obj: Any) -> bytes:

@@ -76,7 +76,8 @@ class VideoModality(Modality):
         self.token_id = MediaTokens(text.vocab_size).video
         self.aggregator_cfg = aggregator
         self.frame_chunk = frame_chunk
-        self.aggregator = PerceiverResampler(aggregator, text.dim)
+        encoder = image.encoder
+        self.aggregator = PerceiverResampler(aggregator, text.dim, encoder.tokens_per_tile * encoder.max_tiles)
 
     @property
     def image(self) -> ImageModality:

@@ -207,3 +207,17 @@ def test_masked_tokens_of_a_real_frame_are_not_keys() -> None:
     assert not torch.allclose(out, unmasked, atol=1e-3)
     with pytest.raises(ValueError, match=r"token_mask must be a bool \[B, K, P\]"):
         resampler(frames, frame_mask, token_mask[:, :, :3])
+
+
+def test_space_embeddings_make_a_tokens_place_in_its_frame_count() -> None:
+    torch.manual_seed(0)
+    cfg = PerceiverConfig(depth=1, n_heads=2, head_dim=8, n_latents=3, ffn_mult=2, group_size=2)
+    frames = torch.randn(1, 2, 5, 16)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    moved = frames[:, :, torch.tensor([4, 0, 1, 2, 3])]  # the same tokens, each at another place
+    plain, placed = PerceiverResampler(cfg, 16).eval(), PerceiverResampler(cfg, 16, tokens_per_frame=5).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(frames, mask)[0], plain(moved, mask)[0], atol=1e-5)  # attention alone: a set
+        assert not torch.allclose(placed(frames, mask)[0], placed(moved, mask)[0], atol=1e-3)
+    with pytest.raises(ValueError, match=r"built for tokens_per_frame=5"):
+        placed(frames[:, :, :4], mask)

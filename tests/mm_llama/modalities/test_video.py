@@ -233,7 +233,11 @@ def test_the_perceiver_reads_only_the_tiles_a_frame_has() -> None:
         latents, group_mask = model.video.aggregate(clips)
         tokens = model.video.encode_frames(clips.frames, clips.frame_mask)
         assert tokens.shape[2] == 4 * per_tile
-        expected, _ = model.video.aggregator(tokens[:, :, :per_tile], clips.frame_mask)
+        noisy = tokens.clone()
+        noisy[:, :, per_tile:] = torch.randn_like(noisy[:, :, per_tile:]) * 10
+        first_tile = torch.zeros(tokens.shape[:3], dtype=torch.bool)
+        first_tile[:, :, :per_tile] = True
+        expected, _ = model.video.aggregator(noisy, clips.frame_mask, first_tile & clips.frame_mask[..., None])
         everything, _ = model.video.aggregator(tokens, clips.frame_mask)
     assert torch.allclose(latents, expected, atol=1e-5)
     assert not torch.allclose(latents, everything, atol=1e-3)  # the padding tiles' tokens are not zero
