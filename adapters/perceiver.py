@@ -104,10 +104,12 @@ class PerceiverResampler(nn.Module):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"PerceiverResampler: dim must be a positive int, got {dim!r}")
         self.cfg, self.dim = cfg, dim
-        self.latents = nn.Parameter(torch.randn(cfg.n_latents, dim) * 0.02)
-        self.time_embed = nn.Parameter(torch.randn(cfg.group_size, dim) * 0.02)
+        # unit scale, as OpenFlamingo's: next to LayerNormed frame tokens, a 0.02-scale time embedding is
+        # invisible at the start (a tiny run then mixed a clip's first and last colours)
+        self.latents = nn.Parameter(torch.randn(cfg.n_latents, dim))
+        self.time_embed = nn.Parameter(torch.randn(cfg.group_size, dim))
         # where a token sits in its frame, learned (`tokens_per_frame`): motion is a change of place over time
-        self.space_embed = nn.Parameter(torch.randn(tokens_per_frame, dim) * 0.02) if tokens_per_frame else None
+        self.space_embed = nn.Parameter(torch.randn(tokens_per_frame, dim)) if tokens_per_frame else None
         self.layers = nn.ModuleList(PerceiverLayer(cfg, dim) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
 

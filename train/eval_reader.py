@@ -39,8 +39,8 @@ from PIL import Image
 
 from webdataset.tariterators import tar_file_expander, url_opener
 
-from mm_llama.data.decoders import DecodeError, decode_audio, decode_image
-from mm_llama.data.sample_processors import AUDIO_EXTENSIONS
+from mm_llama.data.decoders import DecodeError, decode_audio, decode_image, decode_video
+from mm_llama.data.sample_processors import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from mm_llama.data.json_limits import JSONLimitError, loads_limited
 from mm_llama.data.shard_source import expand_shards
 from mm_llama.data.tar_check import inspect_tar_file
@@ -144,8 +144,9 @@ class EvalShardReader:
     Args:
         shards: what :func:`expand_eval_shards` accepts.
         warn: issue a :class:`CorruptSampleWarning` for each skipped sample / damaged shard.
-        media: ``image`` (samples carry a decoded RGB ``image``) or ``audio`` (a 16 kHz mono waveform
-            ``audio [S]``, from any audio member soundfile reads; stereo mixed down).
+        media: ``image`` (samples carry a decoded RGB ``image``), ``audio`` (a 16 kHz mono waveform
+            ``audio [S]``, from any audio member soundfile reads; stereo mixed down) or ``video``
+            (``video [K, 3, H, W]`` uint8: ``num_frames`` frames spread uniformly over the clip).
 
     Attributes:
         urls: the shard paths, in reading order.
@@ -155,10 +156,13 @@ class EvalShardReader:
     """
 
     def __init__(self, shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, warn: bool = True,
-                 media: str = "image") -> None:
-        if media not in ("image", "audio"):
-            raise ValueError(f"media must be 'image' or 'audio', got {media!r}")
+                 media: str = "image", num_frames: int = 16) -> None:
+        if media not in ("image", "audio", "video"):
+            raise ValueError(f"media must be 'image', 'audio' or 'video', got {media!r}")
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
         self.media = media
+        self.num_frames = num_frames
         self.urls = expand_eval_shards(shards)
         self.warn = warn
         self.skipped: list[SkippedSample] = []
@@ -236,7 +240,7 @@ class EvalShardReader:
         if repeated:
             self.skip(url, key, f"member(s) {', '.join(f'{key}.{e}' for e in repeated)} occur more than once")
             return None
-        extensions = IMAGE_EXTENSIONS if self.media == "image" else AUDIO_EXTENSIONS
+        extensions = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VIDEO_EXTENSIONS}[self.media]
         ext = next((e for e in extensions if e in group), None)
         if ext is None:
             self.skip(url, key, f"no {self.media} member (expected KEY.{{{','.join(extensions)}}}); "
@@ -261,10 +265,16 @@ class EvalShardReader:
                 return None
         name = f"{url}:{key}.{ext}"
         try:
-            decoded: Image.Image | Any = (decode_image(group[ext], name) if self.media == "image"
-                                          else decode_audio(group[ext], name, SAMPLE_RATE))
+            decoded: Image.Image | Any = self._decode(group[ext], name)
         except DecodeError as e:
             self.skip(url, key, e.reason)
             return None
         self.samples_read += 1
         return {"key": key, "shard": url, self.media: decoded, f"{self.media}_name": name, "json": meta, "txt": text}
+
+    def _decode(self, data: bytes, name: str) -> Any:
+        if self.media == "image":
+            return decode_image(data, name)
+        if self.media == "audio":
+            return decode_audio(data, name, SAMPLE_RATE)
+        return decode_video(data, name, self.num_frames)

@@ -12,17 +12,12 @@ from one frame.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
 
-from mm_llama.data.decoders import DecodeError, decode_video
-from mm_llama.data.sample_processors import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from mm_llama.data.tasks import TASKS
 from mm_llama.train.eval_reader import EvalShardReader
 from mm_llama.train.eval_result import EvalResult
@@ -36,55 +31,10 @@ if TYPE_CHECKING:
     from mm_llama.multimodal import MultimodalLlama
     from mm_llama.tokenizer import Tokenizer
 
-__all__ = ["VIDEO_EVAL_TASKS", "VideoEvalShardReader", "evaluate_video"]
+__all__ = ["VIDEO_EVAL_TASKS", "evaluate_video"]
 
 VIDEO_EVAL_TASKS = tuple(name for name, spec in TASKS.items() if spec.modality == "video" and spec.prompted)
 """Tasks :func:`evaluate_video` knows (``video_caption``, ``video_qa``)."""
-
-
-@lru_cache(maxsize=1)
-def _stand_in_png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, format="png")
-    return buf.getvalue()
-
-
-class VideoEvalShardReader(EvalShardReader):
-    """:class:`EvalShardReader` for clips: a sample's ``KEY.{mp4,webm,mkv,mov,avi}`` member is decoded to
-    ``num_frames`` frames spread uniformly over it, ``video [K, 3, H, W]`` uint8 (``video_name`` names it).
-
-    Everything else (the order, repeated members, ``KEY.json`` / ``KEY.txt``, damaged shards, what is
-    skipped and counted) is the base reader's: it reads the sample's other members with a 1-pixel
-    stand-in image in the clip's place.
-    """
-
-    def __init__(self, shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
-                 num_frames: int = DEFAULT_NUM_FRAMES, warn: bool = True) -> None:
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
-        super().__init__(shards, warn=warn, media="image")
-        self.num_frames = num_frames
-
-    def _sample(self, url: str, key: str, group: dict[str, bytes], repeated: list[str]) -> dict[str, Any] | None:
-        ext = next((e for e in VIDEO_EXTENSIONS if e in group), None)
-        if repeated:  # the base reader says which
-            return super()._sample(url, key, group, repeated)
-        if ext is None:
-            self.skip(url, key, f"no video member (expected KEY.{{{','.join(VIDEO_EXTENSIONS)}}}); "
-                                f"the sample has {sorted(group)}")
-            return None
-        name = f"{url}:{key}.{ext}"
-        try:
-            frames = decode_video(group[ext], name, self.num_frames)
-        except DecodeError as e:
-            self.skip(url, key, e.reason)
-            return None
-        others = {e: data for e, data in group.items() if e not in IMAGE_EXTENSIONS and e != ext}
-        sample = super()._sample(url, key, {**others, "png": _stand_in_png()}, repeated)
-        if sample is None:
-            return None
-        del sample["image"], sample["image_name"]
-        return {**sample, "video": frames, "video_name": name}
 
 
 @torch.no_grad()
@@ -139,6 +89,6 @@ def evaluate_video(
         settings=settings,
         control="first frame only" if blank_video else None,
     )
-    reader = VideoEvalShardReader(shards, num_frames=num_frames)
+    reader = EvalShardReader(shards, media="video", num_frames=num_frames)
     return run_evaluation(model, tokenizer, reader, task, how, batch_size=batch_size, max_samples=max_samples,
                           max_new_tokens=max_new_tokens, prompt=prompt, progress=progress)

@@ -148,12 +148,14 @@ def export_groups(model: MultimodalLlama) -> list[str]:
     """What an adapter run exports: every group of each modality the run trains (a frozen part of a
     trained modality too, so the run loads on its own) or loaded from an earlier run
     (`model.loaded_modalities`, set by `model.init_from`), nothing of the LM or of modalities that are
-    still at their random initialisation. Adapters of different modalities load onto one LM as a plain
+    still at their random initialisation — except what a kept modality borrows (video: the image encoder
+    and projector it reads frames with), without which the run would not load. Adapters of different modalities load onto one LM as a plain
     union of their files, and a run that started from such a union exports all of it."""
     groups = model.parameter_groups()
     trained = {g.split(".", 1)[0] for g, params in groups.items()
                if g != DECODER_GROUP and any(p.requires_grad for p in params.values())}
     kept = trained | set(model.loaded_modalities)
+    kept |= {borrowed for name in kept for borrowed in model.modalities[name].borrows}  # video reads image's encoder
     return [g for g in groups if g.split(".", 1)[0] in kept]
 
 

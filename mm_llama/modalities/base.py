@@ -44,6 +44,7 @@ class Modality(nn.Module):
     name: str = ""
     adapter_group: str = "fusion"  # the group its cross-attention blocks and embedding rows belong to
     fusion_rank: int = 1  # at a layer several modalities share, lower ranks' blocks run first (video before image)
+    borrows: tuple[str, ...] = ()  # modalities whose weights this one computes with (exported along with it)
 
     def __init__(self, text: LlamaConfig, fusion_layers: tuple[int, ...] = ()) -> None:
         super().__init__()

@@ -65,6 +65,7 @@ class VideoModality(Modality):
 
     name = "video"
     fusion_rank = 0  # its block runs before the image block at a shared layer (paper §7.2)
+    borrows = ("image",)
 
     def __init__(self, text: LlamaConfig, image: ImageModality, aggregator: PerceiverConfig, *,
                  fusion_layers: tuple[int, ...] = (), frame_chunk: int = DEFAULT_FRAME_CHUNK) -> None:

@@ -237,3 +237,17 @@ def test_a_run_is_asked_as_it_was_trained(tmp_path: Path) -> None:
     assert run({"task": "video_qa", "prompt": "Say it: {question}"}) == (None, None)  # not a wording we can name
     assert run({"task": "vqa", "num_frames": 8}) == (None, None)
     assert run_video_settings(tmp_path / "missing") == (None, None)
+
+
+def test_a_clip_shorter_than_the_frame_count_repeats_its_frames(video_run: Path, clips: list[Clip], capsys) -> None:
+    """16 frames asked for 40: each decoded frame is used two or three times, in order (uniform sampling
+    over the clip's duration), so the model still sees 40 frames, the last group padded and masked."""
+    frames = decode_video(clips[0].path.read_bytes(), "clip", 40)
+    assert frames.shape[0] == 40
+    distinct = [0] + [i for i in range(1, 40) if not torch.equal(frames[i], frames[i - 1])]
+    assert len(distinct) <= 16 and all(b - a <= 3 for a, b in zip(distinct, distinct[1:] + [40]))
+    assert main(["video-qa", "--model", str(video_run), "--video", str(clips[0].path), "--question", "Does it move?",
+                 "--num-frames", "40", "--max-new-tokens", "4", "--json", "--device", "cpu"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    sent = "Answer the question using a single word or phrase. Does it move?"
+    assert row["answer"] == _expected(video_run, frames, sent, 4)

@@ -130,3 +130,14 @@ def test_a_question_wording_without_its_slot_is_refused(assets: Assets, image_ru
     with pytest.raises(RecipeError, match=r"video without image"):
         load_recipe("tiny_video_pretrain", _overrides(assets, image_run, clips, steps=1,
                                                       **{"model.modalities": ["video"]}))
+
+
+def test_a_video_run_without_an_image_run_exports_the_encoder_it_reads_frames_with(
+        assets: Assets, image_run: Path, clips: Path, tmp_path: Path) -> None:  # noqa: F811
+    cfg = load_recipe("tiny_video_pretrain", _overrides(assets, image_run, clips, steps=1, **{"model.init_from": None}))
+    result = run_training(cfg, tmp_path / "run")
+    exported = load_file(str(result.run_dir / ADAPTER_FILE))
+    assert any(k.startswith("image.encoder.") for k in exported) and any(k.startswith("video.") for k in exported)
+    loaded = load_multimodal(result.run_dir)
+    state = result.model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
