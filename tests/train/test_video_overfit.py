@@ -85,7 +85,7 @@ def test_tiny_video_pretrain_overfits_two_dozen_clips(tmp_path: Path) -> None:
     print(f"accuracy on the training clips {seen.metrics['vqa_accuracy']:.3f}, frozen frames "
           f"{frozen.metrics['vqa_accuracy']:.3f}; by type {json.dumps(seen.by_type)}")
     print(f"colour change {_by_type(seen, CHANGE):.3f}, frozen frames {_by_type(frozen, CHANGE):.3f}")
-    # Measured (2-core CPU, 2026-12-04), runs of this setting: overall 74.6-75.4 % (majority 55 %), direction
+    # Measured (2-core CPU, 2026-12-04), runs of this setting: overall 74.6-75.4 % (majority 46 %), direction
     # 73-100 % (majority 36 %). Frozen frames are no control on training clips: the first frame identifies the
     # clip, and a fitted model answers from that (72.8 % overall, colour change 65 % against 69 %); that the
     # video path reads change over time is measured held out (README: turn 42.5 % against 4.6 % frozen).
