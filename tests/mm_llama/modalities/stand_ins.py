@@ -1,4 +1,4 @@
-"""Stand-in modalities for composition tests until video and speech land: a second cross-attention
+"""Stand-in modalities for composition tests (and a counter of keys/values computations): a second cross-attention
 modality ("sketch": images through its own encoder, blocks and `<|video|>` id) and an early-fusion one
 ("probe": a linear map of a feature vector per placeholder token, in place of speech)."""
 
@@ -43,3 +43,22 @@ class ProbeModality(Modality):
         if inputs is None:
             return None
         return SpanEmbeddings(positions=tokens == self.placeholder, embeds=self.adapter(inputs))
+
+
+def count_kv_computations(model) -> dict[str, int]:
+    """Wrap every fusion block's `compute_kv` so that calls are counted per modality; returns the live counts."""
+    from mm_llama.fusion import FusionLayer
+
+    counts: dict[str, int] = {}
+    for layer in model.decoder.layers:
+        if isinstance(layer, FusionLayer):
+            for name, block in layer.fusion.items():
+                counts[name] = 0
+                original = block.compute_kv
+
+                def counted(vision, name=name, original=original):
+                    counts[name] += 1
+                    return original(vision)
+
+                block.compute_kv = counted
+    return counts

@@ -10,12 +10,11 @@ import torch.nn.functional as F
 
 from mm_llama import LlamaDecoder, preset
 from mm_llama.encoders.mllama_vision import VisionConfig
-from mm_llama.fusion import FusionLayer
 from mm_llama.generation import GenerationConfig, generate
 from mm_llama.layers import DecoderLayer
 from mm_llama.modalities import ImageModality
 from mm_llama.multimodal import MultimodalLlama
-from tests.mm_llama.modalities.stand_ins import ProbeModality, SketchModality
+from tests.mm_llama.modalities.stand_ins import ProbeModality, SketchModality, count_kv_computations
 from tests.reference.hf_mllama import make_images
 
 TEXT = preset("tiny", vocab_size=384, n_layers=4)
@@ -106,17 +105,7 @@ def test_each_modality_reads_only_its_own_media() -> None:
 
 def test_each_modalitys_keys_and_values_are_computed_once_per_generation() -> None:
     model, _ = _model()
-    counts = {"sketch": 0, "image": 0}
-    for layer in model.decoder.layers:
-        if isinstance(layer, FusionLayer):
-            for name, block in layer.fusion.items():
-                original = block.compute_kv
-
-                def counted(vision, name=name, original=original):
-                    counts[name] += 1
-                    return original(vision)
-
-                block.compute_kv = counted
+    counts = count_kv_computations(model)
     prompt = _tokens(SKETCH, IMAGE, seed=3)[0].tolist()
     media = {"image": make_images([[(1, 1)]], seed=1), "sketch": make_images([[(2, 1)]], seed=2)}
     out = generate(model, [prompt], GenerationConfig(max_new_tokens=6), prefill_inputs={"media": media})[0]

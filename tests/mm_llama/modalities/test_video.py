@@ -15,11 +15,11 @@ from mm_llama.adapters.perceiver import PerceiverConfig
 from mm_llama.checkpoints.multimodal_loading import load_adapter_run, save_adapter
 from mm_llama.checkpoints.hf import save_hf
 from mm_llama.encoders.mllama_vision import VisionConfig
-from mm_llama.fusion import FusionLayer
 from mm_llama.generation import GenerationConfig, generate
 from mm_llama.modalities import ImageModality, VideoModality
 from mm_llama.modalities.video import video_fusion_layers
 from mm_llama.multimodal import MultimodalLlama
+from tests.mm_llama.modalities.stand_ins import count_kv_computations
 from tests.reference.hf_mllama import Images, make_images
 
 TEXT = preset("tiny", vocab_size=384, n_layers=4)
@@ -154,17 +154,7 @@ def test_frame_chunks_change_memory_not_results() -> None:
 
 def test_video_keys_and_values_are_computed_once_per_generation() -> None:
     model = _model()
-    counts = {"video": 0, "image": 0}
-    for layer in model.decoder.layers:
-        if isinstance(layer, FusionLayer):
-            for name, block in layer.fusion.items():
-                original = block.compute_kv
-
-                def counted(vision, name=name, original=original):
-                    counts[name] += 1
-                    return original(vision)
-
-                block.compute_kv = counted
+    counts = count_kv_computations(model)
     prompt = _tokens(IMAGE, VIDEO, seed=5)[0].tolist()
     media = {"image": make_images([[(1, 1)]], seed=1), "video": _clips([5], seed=2)}
     out = generate(model, [prompt], GenerationConfig(max_new_tokens=5), prefill_inputs={"media": media})[0]
