@@ -67,4 +67,5 @@ def test_autocast_only_on_cuda() -> None:
     with pytest.raises(ValueError, match="needs CUDA"):
         autocast(cpu, "bf16")
     with pytest.raises(ValueError, match="no training step"):
-        task_for("video_qa", cpu)
+        task_for("segmentation", cpu)
+    assert type(task_for("video_qa", cpu)).__name__ == "VideoTextTask"
