@@ -94,9 +94,12 @@ class PerceiverLayer(nn.Module):
 class PerceiverResampler(nn.Module):
     """Frames `[B, K, P, D]` → aggregated frames `[B, ⌈K/group_size⌉, n_latents, D]`; see the module docstring."""
 
-    def __init__(self, cfg: PerceiverConfig, dim: int, tokens_per_frame: int | None = None) -> None:
+    def __init__(self, cfg: PerceiverConfig, dim: int, tokens_per_frame: int | None = None,
+                 max_groups: int | None = None) -> None:
         """`tokens_per_frame` (optional): frames always hold this many tokens, and each position among them
-        gets a learned embedding (`space_embed [P, dim]`) next to the frame-time one."""
+        gets a learned embedding (`space_embed [P, dim]`) next to the frame-time one. `max_groups`
+        (optional): the output of group g gets a learned `group_embed[g]` (zero at the start), so what reads
+        several aggregated frames can tell which came first; clips of more groups are refused."""
         super().__init__()
         if tokens_per_frame is not None and (isinstance(tokens_per_frame, bool) or not isinstance(tokens_per_frame, int)
                                              or tokens_per_frame < 1):
@@ -110,6 +113,7 @@ class PerceiverResampler(nn.Module):
         self.time_embed = nn.Parameter(torch.randn(cfg.group_size, dim))
         # where a token sits in its frame, learned (`tokens_per_frame`): motion is a change of place over time
         self.space_embed = nn.Parameter(torch.randn(tokens_per_frame, dim)) if tokens_per_frame else None
+        self.group_embed = nn.Parameter(torch.zeros(max_groups, dim)) if max_groups else None
         self.layers = nn.ModuleList(PerceiverLayer(cfg, dim) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
 
@@ -121,6 +125,10 @@ class PerceiverResampler(nn.Module):
                              f"was built for dim={self.dim}")
         if frames.shape[1] < 1 or frames.shape[2] < 1:
             raise ValueError(f"frames need at least one frame and one token per frame, got shape {tuple(frames.shape)}")
+        if self.group_embed is not None and frames.shape[1] > self.group_embed.shape[0] * self.cfg.group_size:
+            raise ValueError(f"a clip of {frames.shape[1]} frames makes more than max_groups="
+                             f"{self.group_embed.shape[0]} groups of {self.cfg.group_size}; sample at most "
+                             f"{self.group_embed.shape[0] * self.cfg.group_size} frames (data.num_frames / --num-frames)")
         if self.space_embed is not None and frames.shape[2] != self.space_embed.shape[0]:
             raise ValueError(f"frames hold {frames.shape[2]} tokens each (shape {tuple(frames.shape)}); this resampler "
                              f"was built for tokens_per_frame={self.space_embed.shape[0]}")
@@ -165,4 +173,7 @@ class PerceiverResampler(nn.Module):
         latents = self.latents.expand(batch * groups, -1, -1)
         for layer in self.layers:
             latents = layer(media, latents, key_mask)
-        return self.norm(latents).view(batch, groups, self.cfg.n_latents, dim), real.any(dim=-1)
+        out = self.norm(latents).view(batch, groups, self.cfg.n_latents, dim)
+        if self.group_embed is not None:
+            out = out + self.group_embed[:groups, None, :]
+        return out, real.any(dim=-1)

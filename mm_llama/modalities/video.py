@@ -2,7 +2,8 @@
 
     frames [B, K, tiles, 3, H, W] ─ image encoder + projector (frozen, the image modality's; K in chunks)
       → frame tokens [B, K, tiles·P, D] ─ perceiver resampler (groups of `group_size` frames → `n_latents`)
-      → aggregated frames [B, G, L, D] ─ gated cross-attention blocks before `fusion_layers`
+      → aggregated frames [B, G, L, D] (+ a learned embedding of their order) ─ gated cross-attention blocks
+        before `fusion_layers`
 
 Deep fusion like images: text rows see a clip from its `<|video|>` token on (the image rules,
 `cross_attention_mask`), its keys are the `G·L` latents of its real groups. The video blocks sit before
@@ -29,10 +30,11 @@ from mm_llama.media_tokens import MediaTokens
 from mm_llama.modalities.base import Modality
 from mm_llama.modalities.image import ImageInputs, ImageModality
 
-__all__ = ["DEFAULT_FRAME_CHUNK", "VideoInputs", "VideoModality", "video_config", "video_config_fields",
+__all__ = ["DEFAULT_FRAME_CHUNK", "MAX_CLIP_FRAMES", "VideoInputs", "VideoModality", "video_config", "video_config_fields",
            "video_fusion_layers"]
 
 DEFAULT_FRAME_CHUNK = 8  # frames per image-encoder call: memory grows with the chunk, not the clip
+MAX_CLIP_FRAMES = 64  # the paper's most frames per clip; it sizes the aggregated frames' order embeddings
 
 
 class VideoInputs(Protocol):
@@ -78,7 +80,8 @@ class VideoModality(Modality):
         self.aggregator_cfg = aggregator
         self.frame_chunk = frame_chunk
         encoder = image.encoder
-        self.aggregator = PerceiverResampler(aggregator, text.dim, encoder.tokens_per_tile * encoder.max_tiles)
+        self.aggregator = PerceiverResampler(aggregator, text.dim, encoder.tokens_per_tile * encoder.max_tiles,
+                                             max_groups=-(-MAX_CLIP_FRAMES // aggregator.group_size))
 
     @property
     def image(self) -> ImageModality:

@@ -246,3 +246,24 @@ def test_the_paper_preset_has_the_papers_video_parameter_count(shape: str, paper
     groups = model.parameter_groups()
     n = sum(p.numel() for g in ("video.aggregator", "video.fusion") for p in groups[g].values())
     assert abs(n / 1e9 - paper_billions) / paper_billions < 0.1, n
+
+
+def test_the_order_of_aggregated_frames_reaches_the_lm() -> None:
+    """Two groups of 4 frames swapped: cross-attention over their latents cannot tell the order apart (keys
+    are a set) unless each group's latents carry where it stands: `group_embed`, zero at the start."""
+    model = _model()
+    clips = _clips([8], seed=11)
+    f = clips.frames
+    order = [4, 5, 6, 7, 0, 1, 2, 3]
+    swapped = Clips(Images(f.pixels[:, order], f.aspect_ratio_ids[:, order], f.tile_mask[:, order], f.num_tiles),
+                    clips.frame_mask[:, order])
+    tokens = _tokens(VIDEO)
+    with torch.no_grad():
+        assert torch.count_nonzero(model.video.aggregator.group_embed) == 0
+        assert torch.allclose(model(tokens, media={"video": clips}), model(tokens, media={"video": swapped}), atol=1e-5)
+        model.video.aggregator.group_embed.normal_()
+        assert not torch.allclose(model(tokens, media={"video": clips}), model(tokens, media={"video": swapped}),
+                                  atol=1e-3)
+    too_long = _clips([4 * 16 + 1], seed=1)  # 65 frames > the paper's 64: 17 groups of 4
+    with pytest.raises(ValueError, match=r"a clip of 65 frames makes more than max_groups=16 groups of 4"):
+        model.video.aggregate(too_long)
