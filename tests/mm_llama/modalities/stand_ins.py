@@ -5,6 +5,7 @@ modality ("sketch": images through its own encoder, blocks and `<|video|>` id) a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mm_llama.config import LlamaConfig
@@ -62,3 +63,21 @@ def count_kv_computations(model) -> dict[str, int]:
 
                 block.compute_kv = counted
     return counts
+
+
+def train_two_steps(model, groups: list[str], tokens: torch.Tensor, media: dict) -> dict[str, torch.Tensor]:
+    """Train `groups` of `model` for two AdamW steps on next-token loss over `tokens`; returns the state
+    dict from before (cloned), so a test can say what changed."""
+
+    model.set_trainable(groups)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    vocab = model.text_cfg.vocab_size
+    model.train()
+    for _ in range(2):
+        logits = model(tokens, media=media)
+        loss = F.cross_entropy(logits[0, :-1], tokens[0, 1:].clamp(max=vocab - 1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return before

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mm_llama import LlamaDecoder, preset
 from mm_llama.encoders.mllama_vision import VisionConfig
@@ -14,7 +13,7 @@ from mm_llama.generation import GenerationConfig, generate
 from mm_llama.layers import DecoderLayer
 from mm_llama.modalities import ImageModality
 from mm_llama.multimodal import MultimodalLlama
-from tests.mm_llama.modalities.stand_ins import ProbeModality, SketchModality, count_kv_computations
+from tests.mm_llama.modalities.stand_ins import ProbeModality, SketchModality, count_kv_computations, train_two_steps
 from tests.reference.hf_mllama import make_images
 
 TEXT = preset("tiny", vocab_size=384, n_layers=4)
@@ -119,18 +118,7 @@ def test_each_modalitys_keys_and_values_are_computed_once_per_generation() -> No
 
 def test_training_one_modality_leaves_the_other_bit_identical() -> None:
     model, lm = _model()
-    model.set_trainable(["sketch.encoder", "sketch.fusion"])
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    tokens = _tokens(SKETCH, IMAGE, seed=4)
-    media = {"image": make_images([[(1, 1)]], seed=1), "sketch": make_images([[(1, 2)]], seed=2)}
-    model.train()
-    for _ in range(2):
-        logits = model(tokens, media=media)
-        loss = F.cross_entropy(logits[0, :-1], tokens[0, 1:].clamp(max=TEXT.vocab_size - 1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    before = train_two_steps(model, ["sketch.encoder", "sketch.fusion"], _tokens(SKETCH, IMAGE, seed=4), {"image": make_images([[(1, 1)]], seed=1), "sketch": make_images([[(1, 2)]], seed=2)})
     after = model.state_dict()
     groups = model.parameter_groups()
     assert list(groups) == ["sketch.encoder", "sketch.fusion", "image.encoder", "image.fusion", "decoder"]

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mm_llama import LlamaDecoder, preset
 from mm_llama.adapters.perceiver import PerceiverConfig
@@ -19,7 +18,7 @@ from mm_llama.generation import GenerationConfig, generate
 from mm_llama.modalities import ImageModality, VideoModality
 from mm_llama.modalities.video import video_fusion_layers
 from mm_llama.multimodal import MultimodalLlama
-from tests.mm_llama.modalities.stand_ins import count_kv_computations
+from tests.mm_llama.modalities.stand_ins import count_kv_computations, train_two_steps
 from tests.reference.hf_mllama import Images, make_images
 
 TEXT = preset("tiny", vocab_size=384, n_layers=4)
@@ -168,18 +167,7 @@ def test_video_keys_and_values_are_computed_once_per_generation() -> None:
 
 def test_training_video_leaves_the_image_adapter_and_the_lm_bit_identical() -> None:
     model = _model()
-    model.set_trainable(["video.aggregator", "video.fusion"])
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    tokens = _tokens(IMAGE, VIDEO, seed=6)
-    media = {"image": make_images([[(1, 1)]], seed=1), "video": _clips([7], seed=2)}
-    model.train()
-    for _ in range(2):
-        logits = model(tokens, media=media)
-        loss = F.cross_entropy(logits[0, :-1], tokens[0, 1:].clamp(max=TEXT.vocab_size - 1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    before = train_two_steps(model, ["video.aggregator", "video.fusion"], _tokens(IMAGE, VIDEO, seed=6), {"image": make_images([[(1, 1)]], seed=1), "video": _clips([7], seed=2)})
     groups = model.parameter_groups()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     video = set(groups["video.aggregator"]) | set(groups["video.fusion"])
