@@ -109,7 +109,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """`"optim.lr.fusion=3e-4"` → `(["optim", "lr", "fusion"], 0.0003)`.
 
     The value is read as YAML (`10` int, `1e-4` float, `true` bool, `[a, b]` list, `null`); a value that
-    is not valid YAML (e.g. `shards=[x/{0..9}.tar]`) is kept as a plain string.
+    is not valid YAML is kept as a plain string, or, written as a list (`shards=[x/{0..9}.tar, y.tar]`,
+    braces YAML cannot read), as the list of its items.
     """
     key, sep, value = text.partition("=")
     key = key.strip()
@@ -120,8 +121,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         parsed = yaml.load(value, Loader=_Loader) if value.strip() else None  # noqa: S506
     except yaml.YAMLError:
-        parsed = value
+        parsed = _bracketed_items(value.strip())
     return key.split("."), parsed
+
+
+def _bracketed_items(value: str) -> str | list[str]:
+    """`[x/{000..009}.tar, y.tar]`, which YAML cannot read (braces inside a flow list), → its items; a
+    comma inside braces belongs to its pattern. Any other value stays the plain string."""
+    if not (value.startswith("[") and value.endswith("]")):
+        return value
+    items, depth, current = [], 0, ""
+    for char in value[1:-1]:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    items.append(current.strip())
+    return [item for item in items if item]
 
 
 def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
@@ -206,12 +224,24 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig
     """Read a recipe (a path or built-in name), merge `inherit` bases and `key.sub=value` overrides, validate."""
     file = resolve_recipe_path(path)
     raw = _read_recipe_file(file)
-    keys = []
+    given: dict[str, str] = {}
     for text in overrides:
         key_path, value = parse_override(text)
+        key = ".".join(key_path)
+        if key in given:
+            raise RecipeError(_twice(key, given[key], text, overrides))
+        given[key] = text
         apply_override(raw, key_path, value)
-        keys.append(".".join(key_path))
-    return recipe_from_dict(raw, str(file), keys)
+    return recipe_from_dict(raw, str(file), list(given))
+
+
+def _twice(key: str, first: str, again: str, overrides: Sequence[str]) -> str:
+    """The error for a key given twice: the shell splits an unquoted brace pattern into one override per
+    expansion, and keeping the last would silently train on one shard."""
+    count = sum(parse_override(o)[0] == key.split(".") for o in overrides)
+    return (f"{key} is set {count} times ({first!r}, {again!r}{', …' if count > 2 else ''}); give each key once. "
+            f"If the value holds a brace pattern, quote the whole override so the shell does not expand it: "
+            f"\"{key}=[shards/{{000000..000099}}.tar]\"")
 
 
 def recipe_to_dict(cfg: RecipeConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,9 @@ def test_value_range_errors(tmp_path: Path) -> None:
         ("data.shards=[a.tar, b.tar]", ["data", "shards"], ["a.tar", "b.tar"]),
         ("data.task=vqa", ["data", "task"], "vqa"),
         ("model.base_lm=null", ["model", "base_lm"], None),
-        ("data.shards=[x/{000..009}.tar]", ["data", "shards"], "[x/{000..009}.tar]"),
+        ("data.shards=[x/{000..009}.tar]", ["data", "shards"], ["x/{000..009}.tar"]),
+        ("data.shards=[x/{000..009}.tar, y/{a,b}.tar]", ["data", "shards"], ["x/{000..009}.tar", "y/{a,b}.tar"]),
+        ("data.prompt=a {x} b", ["data", "prompt"], "a {x} b"),
         ("model.base_lm= /a b/c", ["model", "base_lm"], "/a b/c"),
     ],
 )
@@ -103,12 +106,12 @@ def test_override_values_parse_as_yaml_scalars(text: str, key: list[str], value:
 
 def test_overrides_apply_and_convert(tmp_path: Path) -> None:
     recipe = _write(tmp_path / "r.yaml", "optim:\n  lr: {encoder: 1e-4, fusion: 1e-3}\n  betas: [0.9, 0.95]\n")
-    cfg = load_recipe(recipe, ["optim.lr.fusion=3e-4", "train.steps=10", "data.shards=[a,b]", "data.shards=one.tar",
+    cfg = load_recipe(recipe, ["optim.lr.fusion=3e-4", "train.steps=10", "data.shards=one.tar",
                                "model.fusion_layers=[1]", "optim.grad_clip=null", "optim.weight_decay=1"])
     assert cfg.optim.lr == {"encoder": 1e-4, "fusion": 3e-4}
     assert cfg.optim.betas == (0.9, 0.95)
     assert cfg.train.steps == 10
-    assert cfg.data.shards == ["one.tar"]  # later overrides win; a single string is a one-element list
+    assert cfg.data.shards == ["one.tar"]  # a single string is a one-element list
     assert cfg.model.fusion_layers == [1]
     assert cfg.optim.grad_clip is None
     assert cfg.optim.weight_decay == 1.0 and isinstance(cfg.optim.weight_decay, float)
@@ -122,6 +125,26 @@ def test_malformed_overrides(tmp_path: Path) -> None:
         load_recipe(recipe, ["optim.lr.fusion=1e-3"])
     with pytest.raises(RecipeError, match="inherit"):
         load_recipe(recipe, ["inherit=other.yaml"])
+
+
+def test_a_key_given_twice_is_refused_as_an_unquoted_brace_pattern_gives_it(tmp_path: Path) -> None:
+    recipe = _write(tmp_path / "r.yaml", "optim:\n  lr: 0.001\n")
+    # what the shell really passes for the unquoted pattern: one override per expansion, the last would win
+    split = subprocess.run(["bash", "-c", 'printf "%s\\n" data.shards=[s/{000000..000002}.tar]'],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert split == [f"data.shards=[s/00000{i}.tar]" for i in range(3)]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe, split)
+    message = str(e.value)
+    assert "data.shards is set 3 times" in message and "'data.shards=[s/000000.tar]'" in message
+    assert "quote the whole override" in message
+    with pytest.raises(RecipeError, match=r"optim\.lr is set 2 times"):
+        load_recipe(recipe, ["optim.lr=1e-3", "train.steps=5", "optim.lr=2e-3"])
+    # quoted, the pattern stays one value; a more specific key after a mapping refines it
+    cfg = load_recipe(recipe, ["data.shards=[s/{000000..000002}.tar]", "optim.lr_multipliers={encoder: 0.5}",
+                               "optim.lr_multipliers.encoder=0.25"])
+    assert cfg.data.shards == ["s/{000000..000002}.tar"]
+    assert cfg.optim.lr_multipliers == {"encoder": 0.25}
 
 
 def test_inherit_merges_bases_first(tmp_path: Path) -> None:
