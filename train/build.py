@@ -31,7 +31,7 @@ from torch import nn
 
 from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
 from mm_llama.checkpoints.files import iter_safetensors
-from mm_llama.checkpoints.loading import load_llama
+from mm_llama.checkpoints.loading import LM_RUN_MODEL_DIR as MODEL_DIR, lm_checkpoint_dir, load_llama
 from mm_llama.checkpoints.multimodal_loading import (
     ADAPTER_FILE, adapter_state_dict, modalities_from_fields, upgrade_adapter_keys,
 )
@@ -44,22 +44,11 @@ from mm_llama.multimodal import DECODER_GROUP, MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.train.recipe import RecipeConfig, RecipeError
 
-MODEL_DIR = "model"  # where an lm_pretrain run exports its HF checkpoint
 ENCODER_FILE = "encoder.safetensors"  # what an image_encoder_pretrain run exports
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 # ------------------------------------------------------------------------------------------ paths
-def lm_checkpoint_dir(path: str | Path) -> Path:
-    """A Llama checkpoint directory, or an `lm_pretrain` run directory holding one under `model/`."""
-    directory = Path(path)
-    if not directory.exists():
-        raise FileNotFoundError(f"LM checkpoint {directory} does not exist; train one with the lm_pretrain "
-                                "recipe or point at a Llama 3 checkpoint directory (HF or Meta layout)")
-    if not (directory / "config.json").is_file() and not (directory / "params.json").is_file() \
-            and (directory / MODEL_DIR / "config.json").is_file():
-        return directory / MODEL_DIR
-    return directory
 
 
 def encoder_weights_file(path: str | Path) -> Path:

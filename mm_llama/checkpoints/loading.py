@@ -26,6 +26,21 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+LM_RUN_MODEL_DIR = "model"  # where an lm_pretrain run exports its HF checkpoint
+
+
+def lm_checkpoint_dir(path: str | Path) -> Path:
+    """A Llama checkpoint directory, or an `lm_pretrain` run directory holding one under `model/`."""
+    directory = Path(path)
+    if not directory.exists():
+        raise FileNotFoundError(f"LM checkpoint {directory} does not exist; train one with the lm_pretrain "
+                                "recipe or point at a Llama 3 checkpoint directory (HF or Meta layout)")
+    if not (directory / "config.json").is_file() and not (directory / "params.json").is_file() \
+            and (directory / LM_RUN_MODEL_DIR / "config.json").is_file():
+        return directory / LM_RUN_MODEL_DIR
+    return directory
+
+
 def checkpoint_format(directory: Path) -> str:
     """`"hf"` or `"meta"`, from the files present; a clear error otherwise."""
     if not directory.exists():

@@ -19,7 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from mm_llama.atomic_file import atomic_write
 from mm_llama.checkpoints.files import config_errors, iter_safetensors, read_json_object
-from mm_llama.checkpoints.loading import checkpoint_format, llama_config_from_dir, llama_tensors, parse_dtype
+from mm_llama.checkpoints.loading import checkpoint_format, llama_config_from_dir, lm_checkpoint_dir, llama_tensors, parse_dtype
 from mm_llama.checkpoints.mllama import (
     IMAGE_ROW_KEY, load_hf_mllama_tensors, load_meta_mllama_tensors, text_config_from_hf,
 )
@@ -284,10 +284,7 @@ def adapter_run_base_lm(directory: str | Path) -> Path:
     candidates = [base] if base.is_absolute() else [base, directory / base]
     for candidate in candidates:
         if candidate.is_dir():
-            if not (candidate / "config.json").is_file() and not (candidate / "params.json").is_file() \
-                    and (candidate / "model" / "config.json").is_file():
-                return candidate / "model"
-            return candidate
+            return lm_checkpoint_dir(candidate)
     raise CheckpointError(
         f"{directory / RUN_CONFIG} names base LM {base}, which does not exist; point base_lm at the Llama "
         "checkpoint the adapter was trained on"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from mm_llama.checkpoints import load_llama
+from mm_llama.checkpoints.loading import lm_checkpoint_dir
 from mm_llama.commands.device import add_device_options, resolve_device
 from mm_llama.generation import GenerationConfig, generate
 from mm_llama.tokenizer import Tokenizer
@@ -19,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Generate text from an HF (config.json + safetensors) or Meta (params.json + "
         "consolidated.*.pth) Llama 3 checkpoint directory that also holds tokenizer.json or tokenizer.model.",
     )
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path,
+                   help="a Llama 3 checkpoint directory (HF or Meta layout) or an lm_pretrain run directory "
+                   "(its model/ folder); --checkpoint is the same flag")
     p.add_argument("--prompt", required=True, action="append",
                    help="prompt text; repeat the flag to generate for several prompts in one batch")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the Llama 3 chat format")
@@ -44,11 +47,12 @@ def encode_prompt(tokenizer: Tokenizer, text: str, *, chat: bool, system: str | 
 
 def run(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args)
-    tokenizer = Tokenizer.from_dir(args.checkpoint)
-    model = load_llama(args.checkpoint, dtype=dtype, device=device)
+    directory = lm_checkpoint_dir(args.model)
+    tokenizer = Tokenizer.from_dir(directory)
+    model = load_llama(directory, dtype=dtype, device=device)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(
-            f"tokenizer in {args.checkpoint} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+            f"tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model's vocabulary "
             f"has {model.cfg.vocab_size}; they do not belong together"
         )
     prompts = [encode_prompt(tokenizer, p, chat=args.chat, system=args.system) for p in args.prompt]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,17 @@ def test_generate_prints_what_the_library_generates(tiny_dir: Path, capsys: pyte
     expected = generate(model, prompts, GenerationConfig(max_new_tokens=6, stop_ids=tokenizer.stop_ids))
     assert [r["tokens"] for r in rows] == [e.tokens for e in expected]
     assert [r["text"] for r in rows] == [tokenizer.decode(e.tokens) for e in expected]
+
+
+def test_generate_takes_an_lm_run_directory_with_model_or_checkpoint(tiny_dir: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dir, run / "model")  # what an lm_pretrain run exports
+    outputs = []
+    for argv in (["--checkpoint", str(tiny_dir)], ["--model", str(run)], ["--checkpoint", str(run)]):
+        assert main(["generate", *argv, "--prompt", "A red circle", "--max-new-tokens", "5", "--json"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out)["tokens"])
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > 0
 
 
 def test_generate_chat_uses_the_chat_template(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
