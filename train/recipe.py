@@ -239,9 +239,11 @@ def _twice(key: str, first: str, again: str, overrides: Sequence[str]) -> str:
     """The error for a key given twice: the shell splits an unquoted brace pattern into one override per
     expansion, and keeping the last would silently train on one shard."""
     count = sum(parse_override(o)[0] == key.split(".") for o in overrides)
-    return (f"{key} is set {count} times ({first!r}, {again!r}{', …' if count > 2 else ''}); give each key once. "
-            f"If the value holds a brace pattern, quote the whole override so the shell does not expand it: "
-            f"\"{key}=[shards/{{000000..000099}}.tar]\"")
+    message = f"{key} is set {count} times ({first!r}, {again!r}{', …' if count > 2 else ''}); give each key once"
+    if "/" in first or "/" in again:  # paths: most likely a brace pattern the shell expanded
+        message += (f". If the value holds a brace pattern, quote the whole override so the shell does not "
+                    f"expand it: \"{key}=[shards/{{000000..000099}}.tar]\"")
+    return message
 
 
 def recipe_to_dict(cfg: RecipeConfig) -> dict[str, Any]:

@@ -16,10 +16,14 @@ from mm_llama.train.trainer import Trainer
 from tests.train.test_trainer_setup import Assets, assets, mm_overrides  # noqa: F401
 
 
+def _without_lr(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith("optim.lr=")]  # a key given twice is refused
+
+
 def test_infinite_lr_is_refused_before_anything_runs(assets: Assets, tmp_path: Path,  # noqa: F811
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    assert train.main(["tiny_vision_pretrain", *mm_overrides(assets), "optim.lr=.inf", "--out", str(out)]) == 2
+    assert train.main(["tiny_vision_pretrain", *_without_lr(mm_overrides(assets)), "optim.lr=.inf", "--out", str(out)]) == 2
     assert "optim.lr must be a finite number, got inf" in capsys.readouterr().err
     assert not out.exists()
 
@@ -76,7 +80,7 @@ def test_a_run_ending_on_non_finite_losses_does_not_report_success(assets: Asset
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     # a finite but absurd learning rate: the weights stay finite, every loss after the first step is NaN
-    code = train.main(["tiny_vision_pretrain", *mm_overrides(assets, steps=4), "optim.lr=1e30", "--out", str(out)])
+    code = train.main(["tiny_vision_pretrain", *mm_overrides(assets, steps=4, optim__lr=1e30), "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 1
     assert "trained" not in captured.out

@@ -17,7 +17,10 @@ from tests.train.test_trainer_setup import Assets, assets, mm_overrides  # noqa:
 
 
 def _train(a: Assets, out: Path, *extra: str, steps: int = 2, resume: bool = False) -> int:
-    args = ["tiny_vision_pretrain", *mm_overrides(a, steps=steps), *extra, "--out", str(out)]
+    """`extra` overrides replace `mm_overrides`' value of their key (a key given twice is refused)."""
+    given = dict(o.split("=", 1) for o in extra)
+    base = [o for o in mm_overrides(a, steps=steps) if o.split("=", 1)[0] not in given]
+    args = ["tiny_vision_pretrain", *base, *extra, "--out", str(out)]
     return train.main(args + (["--resume"] if resume else []))
 
 

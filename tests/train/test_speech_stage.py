@@ -23,11 +23,12 @@ def _args(values: dict[str, object]) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
-def _overrides(a: Assets, speech: Path, steps: int) -> list[str]:
+def _overrides(a: Assets, speech: Path, steps: int, more: dict[str, object] | None = None) -> list[str]:
+    """Each key once (a key given twice is refused): `more` replaces these defaults."""
     return _args({"model.base_lm": str(a.base_lm), "data.shards": [str(speech / "speech" / "train-*.tar")],
                   "data.batch_size": 8, "train.steps": steps, "train.device": "cpu", "schedule.warmup_steps": 5,
                   "checkpoint.every": 100, "logging.every": 1, "logging.progress": False,
-                  "logging.tensorboard": False, "optim.lr": 3e-3})
+                  "logging.tensorboard": False, "optim.lr": 3e-3, **(more or {})})
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def image_speech_run(speech_run, assets: Assets, tmp_path_factory: pytest.TempPa
               "model.fusion_layers": image["fusion_layers"], "model.train": ["speech.adapter"],
               "model.init_from": [str(image_dir), str(speech_result.run_dir)], "schedule.warmup_steps": 1}
     speech_data = Path(speech_cfg.data.shards[0]).parent.parent
-    cfg = load_recipe("tiny_speech_sft", _overrides(assets, speech_data, steps=2) + _args(values))
+    cfg = load_recipe("tiny_speech_sft", _overrides(assets, speech_data, steps=2, more=values))
     return run_training(cfg, tmp_path_factory.mktemp("image-speech-run")), image_dir, speech_result.run_dir
 
 
