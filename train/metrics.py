@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -154,6 +156,53 @@ class Throughput:
         return out
 
 
+class RunClock:
+    """Elapsed time of this training call and the time left, from the mean step time since it started
+    (a resumed run counts from its resume)."""
+
+    def __init__(self, start_step: int, total: int) -> None:
+        self._start = time.perf_counter()
+        self._start_step = start_step
+        self._total = total
+
+    def readings(self, step: int) -> dict[str, float]:
+        """`{"elapsed_s": …, "eta_s": …}` at `step` (eta 0 at the last step)."""
+        elapsed = time.perf_counter() - self._start
+        done = step - self._start_step
+        eta = elapsed / done * (self._total - step) if done > 0 else float("nan")
+        return {"elapsed_s": elapsed, "eta_s": max(eta, 0.0)}
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process (`peak_rss_mb`) and, on CUDA, the allocator's peak
+    (`cuda_peak_mb`, since the process started or the last reset)."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    out = {"peak_rss_mb": rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20}
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def progress_line(step: int, total: int, record: dict[str, Any]) -> str:
+    """One log line for runs without a progress bar: `step 40/300 loss 0.4366 …`."""
+    def clock(seconds: float) -> str:
+        if not math.isfinite(seconds):
+            return "?"
+        minutes, sec = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+    loss = record.get("loss", float("nan"))
+    parts = [f"step {step}/{total}", f"loss {loss:.4f}" if math.isfinite(loss) else f"loss {loss}"]
+    if "tokens_per_s" in record:
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    parts += [f"elapsed {clock(record['elapsed_s'])}", f"eta {clock(record['eta_s'])}",
+              f"peak rss {record['peak_rss_mb']:,.0f} MB"]
+    if "cuda_peak_mb" in record:
+        parts.append(f"cuda peak {record['cuda_peak_mb']:,.0f} MB")
+    return "  ".join(parts)
+
+
 class ProgressBar:
     """tqdm over optimizer steps (ETA from tqdm) showing loss and throughput; a no-op when disabled."""
 
@@ -187,4 +236,5 @@ class ProgressBar:
         self.close()
 
 
-__all__ = ["METRICS_FILE", "MetricsLogger", "ProgressBar", "Throughput", "flatten", "read_metrics"]
+__all__ = ["METRICS_FILE", "MetricsLogger", "ProgressBar", "RunClock", "Throughput", "flatten", "peak_memory",
+           "progress_line", "read_metrics"]

@@ -62,7 +62,7 @@ from mm_llama.train.checkpointing import (
 )
 from mm_llama.train.model_options import compile_blocks, enable_activation_checkpointing
 from mm_llama.train.distributed import DistributedContext, all_reduce_mean, any_true, barrier, shard_frozen_lm, wrap_trainable
-from mm_llama.train.metrics import MetricsLogger, ProgressBar, Throughput
+from mm_llama.train.metrics import MetricsLogger, ProgressBar, RunClock, Throughput, peak_memory, progress_line
 from mm_llama.train.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite_weights, guarded_step
 from mm_llama.train.optim import build_optimizer, build_scheduler, current_lrs, unwrap
 from mm_llama.train.recipe import RecipeConfig, RecipeError, recipe_to_dict, save_config
@@ -443,6 +443,7 @@ class Trainer:
         bar = ProgressBar(total, initial=min(self.step, total), enabled=ctx.is_main and cfg.logging.progress,
                           desc=cfg.name or self.stage.name)
         throughput = Throughput()
+        clock = RunClock(self.step, total)
         window = _Window()
         rates: dict[str, float] = {}
         history: list[float] = []
@@ -466,8 +467,11 @@ class Trainer:
                             "grad_norm": last["grad_norm"], **rates,
                             "skipped_samples": self.stream.source.skipped_samples,
                             "nonfinite_steps": self.guard.total, "epoch": self.stream.epoch, **window.mean_metrics(),
+                            **clock.readings(self.step), **peak_memory(ctx.device),
                         }
                         logger.log(self.step, record)
+                        if not cfg.logging.progress:
+                            self._print(progress_line(self.step, total, record))
                         window = _Window()
                     bar.update(1, loss=last["loss"], tokens_per_s=rates.get("tokens_per_s"),
                                samples_per_s=rates.get("samples_per_s"))

@@ -62,6 +62,23 @@ def test_lm_pretraining_reduces_loss_and_exports_an_hf_checkpoint(assets: Assets
     assert list(records[-1]["lr"]) == ["decoder"]
 
 
+def test_without_a_progress_bar_every_log_step_prints_a_line_with_time_and_memory(
+        assets: Assets, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    run_training(load_recipe("tiny_lm_pretrain", lm_overrides(assets, steps=6, logging__every=2)), tmp_path)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert all("tok/s" in line and "elapsed " in line and "eta " in line and "peak rss " in line for line in lines)
+    assert lines[-1].split("eta ")[1].startswith("0m00s")
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [2, 4, 6]
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    # the time left is the mean step time so far times the steps left
+    assert records[0]["eta_s"] == pytest.approx(records[0]["elapsed_s"] / 2 * 4)
+    assert records[-1]["eta_s"] == 0.0
+    assert all(r["peak_rss_mb"] > 50 for r in records) and "cuda_peak_mb" not in records[-1]
+
+
 def test_adapter_training_keeps_the_lm_bit_identical(mm_run) -> None:
     result, before, _ = mm_run
     after = result.model.decoder.state_dict()
