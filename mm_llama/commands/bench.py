@@ -36,6 +36,7 @@ import torch
 from mm_llama.data.json_limits import loads_limited
 from mm_llama.data.loader_stats import STAGES, LoaderStats, TooManySkippedError
 from mm_llama.commands.bench_generate import add_generate_parser
+from mm_llama.commands.bench_train import add_train_parser
 from mm_llama.data.tasks import get_task, task_names
 
 TASKS = task_names("image_text", "video_text", "audio_text", mixtures=False)
@@ -52,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench_sub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     add_data_parser(bench_sub)
     add_generate_parser(bench_sub)
+    add_train_parser(bench_sub)
 
 
 def add_data_parser(sub: argparse._SubParsersAction) -> None:
