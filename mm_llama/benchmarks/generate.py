@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from mm_llama.benchmarks.bandwidth import roofline
-from mm_llama.benchmarks.timing import Timings, time_alternating
+from mm_llama.benchmarks.timing import Timings, device_label, time_alternating
 from mm_llama.checkpoints.hf import hf_state_dict
 from mm_llama.config import LlamaConfig, preset
 from mm_llama.generation import GenerationConfig, generate
@@ -169,7 +169,7 @@ def bench_generate(
                            line.bytes_per_s) for name in runs]
     ours_speed = candidates[0].decode_tok_per_s
     return GenerateReport(
-        device=_device_name(device), dtype=str(dtype).removeprefix("torch."), shape=shape, batch=batch,
+        device=device_label(device), dtype=str(dtype).removeprefix("torch."), shape=shape, batch=batch,
         prompt_len=prompt_len, new_tokens=new, repeats=repeats, weight_gb=bytes_per_step / 1e9,
         roofline_gb_per_s=line.bytes_per_s / 1e9, roofline_source=line.source,
         roofline_tok_per_s=batch * line.bytes_per_s / bytes_per_step, candidates=candidates,
@@ -191,9 +191,3 @@ def _figures(name: str, full: Timings, first: Timings, batch: int, new: int, byt
 
 def _same_rows(ours: list[list[int]], theirs: list[list[int]]) -> float:
     return sum(a == b for a, b in zip(ours, theirs)) / len(ours)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({device})"
-    return f"cpu ({torch.get_num_threads()} threads)"

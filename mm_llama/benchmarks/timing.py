@@ -16,6 +16,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_label(device: torch.device) -> str:
+    """What a report names the device as: the GPU's name, or the CPU with its thread count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 @dataclass
 class Timings:
     """Seconds of every timed run of one candidate."""

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mm_llama.benchmarks.generate import import_transformers
-from mm_llama.benchmarks.timing import Timings, synchronize, time_alternating
+from mm_llama.benchmarks.timing import Timings, device_label, synchronize, time_alternating
 from mm_llama.checkpoints.multimodal_loading import load_multimodal
 from mm_llama.data.image_transform import ImageBatch
 
@@ -228,7 +228,7 @@ def bench_train(shape: str, *, batch: int, text_len: int, steps: int = 5, warmup
         ))
     ours_f, theirs_f = figures
     return TrainReport(
-        device=_device_name(device), shape=shape, batch=batch, text_len=text_len, steps=steps,
+        device=device_label(device), shape=shape, batch=batch, text_len=text_len, steps=steps,
         params_frozen_lm=n_lm, params_fusion=n_fusion, params_encoder=n_encoder, flops_per_token=flops_per_token,
         flops_formula=FLOPS_FORMULA, candidates=figures,
         ratios={"transformers": ours_f.tokens_per_s / theirs_f.tokens_per_s},
@@ -244,11 +244,5 @@ def theirs_patch(shape: str) -> int:
 def _peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.getdevice_label(device)
     return next((v for k, v in _PEAK_BF16.items() if k in name), None)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({device})"
-    return f"cpu ({torch.get_num_threads()} threads)"

@@ -36,14 +36,19 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (default 64)")
     g.add_argument("--new", type=int, default=64, help="tokens generated per row, no early stop (default 64)")
     g.add_argument("--repeats", type=int, default=5, help="timed runs per candidate; the median counts (default 5)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: CUDA when available)")
     g.add_argument("--dtype", default=None,
                    help="weights dtype (default bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--no-static", action="store_true",
                    help="skip transformers' static cache + compile baseline (run by default on CUDA only)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
+    add_run_options(g)
     g.set_defaults(run=run_generate)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """--device, --seed and --json, which every model benchmark takes."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: CUDA when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
 
 
 def run_generate(args: argparse.Namespace) -> int:

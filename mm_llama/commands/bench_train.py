@@ -7,6 +7,7 @@ import json
 import sys
 
 from mm_llama.benchmarks.train_step import TRAIN_SHAPES, TrainReport, bench_train
+from mm_llama.commands.bench_generate import add_run_options
 from mm_llama.devices import pick_device
 
 EPILOG = """\
@@ -35,9 +36,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--text-len", type=int, default=128, help="text tokens per sample (default 128)")
     t.add_argument("--steps", type=int, default=5, help="timed steps per model; the median counts (default 5)")
     t.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: CUDA when available)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
+    add_run_options(t)
     t.set_defaults(run=run_train)
 
 
