@@ -1,4 +1,4 @@
-"""The memory-bandwidth roofline a decode step is held to: the device's spec, or a measured copy."""
+"""Device limits a benchmark is held to: memory bandwidth (the spec, or a measured copy) and bf16 FLOP/s."""
 
 from __future__ import annotations
 
@@ -29,12 +29,23 @@ class Roofline:
     source: str  # "spec (NAME)" or "measured copy"
 
 
+# Dense bf16 tensor-core peaks (FLOP/s), from the same sheets.
+_SPEC_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def _spec(table: dict[str, float], device_name: str) -> float | None:
+    """The first entry whose key the CUDA device name holds (tables list the most specific names first)."""
+    return next((value for key, value in table.items() if key in device_name), None)
+
+
 def spec_bandwidth(device_name: str) -> float | None:
     """The vendor's peak bandwidth for a CUDA device name (e.g. "NVIDIA H200"), or None when unknown."""
-    for key, value in _SPEC_BYTES_PER_S.items():  # most specific names first
-        if key in device_name:
-            return value
-    return None
+    return _spec(_SPEC_BYTES_PER_S, device_name)
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a known CUDA device; None on CPU or an unknown GPU."""
+    return _spec(_SPEC_BF16_FLOPS, torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def measured_copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 5) -> float:

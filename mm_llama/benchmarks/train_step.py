@@ -25,15 +25,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from mm_llama.benchmarks.bandwidth import peak_bf16_flops
 from mm_llama.benchmarks.generate import import_transformers
 from mm_llama.benchmarks.timing import Timings, device_label, synchronize, time_alternating
 from mm_llama.checkpoints.multimodal_loading import load_multimodal
 from mm_llama.data.image_transform import ImageBatch
 
 FLOPS_FORMULA = "4·N_frozen_LM + 6·N_fusion + 6·N_encoder·(image tokens / text tokens) per text token"
-
-# Dense bf16 tensor-core peaks (FLOP/s) by the name CUDA reports, from the vendors' sheets.
-_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 _VISION_11B = dict(hidden_size=1280, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
                    intermediate_size=5120, image_size=560, patch_size=14, max_num_tiles=4,
@@ -154,8 +152,8 @@ def _step_fn(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimiz
     return step
 
 
-def _measure(name: str, step: Callable[[], None], *, steps: int, warmup: int, device: torch.device,
-             losses: list[float]) -> tuple[Timings, float | None]:
+def _measure(name: str, step: Callable[[], None], *, steps: int, warmup: int,
+             device: torch.device) -> tuple[Timings, float | None]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timed = time_alternating({name: step}, repeats=steps, warmup=warmup, device=device)[name]
@@ -171,7 +169,7 @@ def bench_train(shape: str, *, batch: int, text_len: int, steps: int = 5, warmup
             raise ValueError(f"{label} must be >= {low}, got {value}")
     theirs = hf_mllama(shape, device, seed)
     vocab = theirs.config.text_config.vocab_size
-    tile = theirs.config.vision_config.image_size
+    tile, patch = theirs.config.vision_config.image_size, theirs.config.vision_config.patch_size
     data = make_batch(batch, text_len, vocab, tile, device, seed)
     results: dict[str, tuple[Timings, float | None, list[float]]] = {}
 
@@ -179,14 +177,15 @@ def bench_train(shape: str, *, batch: int, text_len: int, steps: int = 5, warmup
     opt = _optimizer(_hf_trainable(theirs), device)
     labels = data.tokens.masked_fill(data.tokens == vocab, -100)
 
+    hf_inputs = dict(input_ids=data.tokens, pixel_values=data.pixels, cross_attention_mask=data.hf_cross_mask,
+                     aspect_ratio_ids=torch.full((batch, 1), _ASPECT_ID, device=device),
+                     aspect_ratio_mask=torch.ones(batch, 1, 4, dtype=torch.long, device=device), labels=labels)
+
     def hf_loss() -> torch.Tensor:
-        return theirs(input_ids=data.tokens, pixel_values=data.pixels,
-                      aspect_ratio_ids=torch.full((batch, 1), _ASPECT_ID, device=device),
-                      aspect_ratio_mask=torch.ones(batch, 1, 4, dtype=torch.long, device=device),
-                      cross_attention_mask=data.hf_cross_mask, labels=labels).loss
+        return theirs(**hf_inputs).loss
 
     timed, peak = _measure("transformers", _step_fn(hf_loss, opt, device, losses), steps=steps, warmup=warmup,
-                           device=device, losses=losses)
+                           device=device)
     results["transformers"] = (timed, peak, losses)
     with tempfile.TemporaryDirectory(prefix="mm-llama-bench-mllama-") as tmp:
         import_transformers().utils.logging.disable_progress_bar()
@@ -208,15 +207,14 @@ def bench_train(shape: str, *, batch: int, text_len: int, steps: int = 5, warmup
 
     losses = []
     timed, peak = _measure("ours", _step_fn(our_loss, opt, device, losses), steps=steps, warmup=warmup,
-                           device=device, losses=losses)
+                           device=device)
     results["ours"] = (timed, peak, losses)
 
     count = {name: sum(p.numel() for p in params.values()) for name, params in groups.items()}
     n_lm, n_fusion, n_encoder = count.get("decoder", 0), count.get("image.fusion", 0), count.get("image.encoder", 0)
-    patches = (tile // theirs_patch(shape)) ** 2 + 1
-    image_tokens = 4 * patches
+    image_tokens = 4 * ((tile // patch) ** 2 + 1)  # 4 tiles of patches + a class token each
     flops_per_token = 4 * n_lm + 6 * n_fusion + 6 * n_encoder * image_tokens / text_len
-    peak_flops = _peak_flops(device)
+    peak_flops = peak_bf16_flops(device)
     figures = []
     for name in ("ours", "transformers"):
         timed, peak, run_losses = results[name]
@@ -235,14 +233,3 @@ def bench_train(shape: str, *, batch: int, text_len: int, steps: int = 5, warmup
         memory_ratio=(ours_f.peak_memory_gb / theirs_f.peak_memory_gb
                       if ours_f.peak_memory_gb and theirs_f.peak_memory_gb else None),
     )
-
-
-def theirs_patch(shape: str) -> int:
-    return TRAIN_SHAPES[shape][0]["patch_size"]
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.getdevice_label(device)
-    return next((v for k, v in _PEAK_BF16.items() if k in name), None)

@@ -19,7 +19,9 @@ from safetensors.torch import save as safetensors_bytes
 
 from mm_llama.atomic_file import atomic_write
 from mm_llama.checkpoints.files import config_errors, iter_safetensors, read_json_object
-from mm_llama.checkpoints.loading import checkpoint_format, llama_config_from_dir, lm_checkpoint_dir, llama_tensors, parse_dtype
+from mm_llama.checkpoints.loading import (
+    checkpoint_format, llama_config_from_dir, llama_tensors, lm_checkpoint_dir, parse_dtype,
+)
 from mm_llama.checkpoints.mllama import (
     IMAGE_ROW_KEY, load_hf_mllama_tensors, load_meta_mllama_tensors, text_config_from_hf,
 )
