@@ -21,7 +21,7 @@ from mm_llama.fusion import CROSS_ATTENTION_KEY, CrossAttentionInputs, FusionEmb
 from mm_llama.kv_cache import KVCache
 from mm_llama.modalities import ImageInputs, ImageModality, Modality, SpanEmbeddings
 from mm_llama.model import LlamaDecoder
-from mm_llama.trainable import train_only
+from mm_llama.trainable import split_lora_group, train_only
 
 DECODER_GROUP = "decoder"
 N_FUSION_TOKENS = 8  # media ids past the LM's vocabulary (Meta's 8 learnable rows; row 0 is <|image|>)
@@ -152,8 +152,8 @@ class MultimodalLlama(nn.Module):
 
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         """`{group: {parameter name: parameter}}`, every parameter in exactly one group: `<modality>.<group>`
-        for each modality's `groups()` (its blocks and embedding rows in `<modality>.<adapter_group>`), and
-        `decoder` (the LM)."""
+        for each modality's `groups()` (its blocks and embedding rows in `<modality>.<adapter_group>`),
+        `decoder` (the LM) and, when LoRA is applied (`mm_llama.adapters.lora`), `lora` (its factors)."""
         owner: dict[int, str] = {}
         for name, modality in self.modalities.items():
             parts = [(group, [module]) for group, module in modality.groups().items()]
@@ -170,7 +170,7 @@ class MultimodalLlama(nn.Module):
         groups[DECODER_GROUP] = {}
         for n, p in self.named_parameters():
             groups[owner.get(id(p), DECODER_GROUP)][n] = p
-        return groups
+        return split_lora_group(groups, DECODER_GROUP)  # LoRA factors in the LM's layers: group `lora`
 
     def group_names(self) -> tuple[str, ...]:
         return tuple(self.parameter_groups())
