@@ -9,7 +9,7 @@ object. The same table, with notes, is in `data/LAYOUTS.md`.
 | layout | manifest line | members | `KEY.json` fields |
 |---|---|---|---|
 | image-caption | `{"image": PATH, "caption": STR}` | `KEY.jpg` / `KEY.png` / `KEY.webp`, `KEY.txt` (caption), `KEY.json` | `key`, `caption`, `width`, `height`, `source` |
-| image-qa | `{"image": PATH, "question": STR, "answer": STR}` or `{"image": PATH, "turns": [{question, answer}, ...]}` (a conversation) | `KEY.jpg` / `KEY.png` / `KEY.webp`, `KEY.json` | `key`, `question`, `answer` (or `turns`), `width`, `height`, `source` |
+| image-qa | `{"image": PATH, "question": STR, "answer": STR}`, or a conversation: `{"image": PATH, "turns": [{question, answer}, ...]}`, LLaVA `{"image": PATH, "conversations": [{"from", "value"}, ...]}` or chat `{"image": PATH, "messages": [{"role", "content"}, ...]}` | `KEY.jpg` / `KEY.png` / `KEY.webp`, `KEY.json` | `key`, `question`, `answer` (or the conversation field as given), `width`, `height`, `source` |
 | audio-text | `{"audio": PATH, "text": STR, "language": STR, "translation": STR (optional)}` | `KEY.flac` / `KEY.wav`, `KEY.json` | `key`, `text`, `language`, `translation` (if given), `duration` (s), `sample_rate` (Hz, of the file), `channels`, `source` |
 | video-caption | `{"video": PATH, "caption": STR}` | `KEY.mp4`, `KEY.txt` (caption), `KEY.json` | `key`, `caption`, `duration` (s), `frames`, `width`, `height`, `source` |
 | img2dataset output (read as image-caption) | — | `KEY.jpg`, `KEY.txt`, `KEY.json` | `key`, `caption`, `url`, `width`, `height`, `original_width`, `original_height`, `status`, ... |
@@ -28,6 +28,10 @@ Rules of the writer:
 - `"key"` (optional) names the sample; otherwise the key is the 1-based line number as `%09d`
   (`000000012` for line 12), so a rerun gives the same keys. Keys use ASCII letters, digits, `_`, `-`.
 - Relative media paths resolve against the manifest's folder; `~` expands to the home folder.
+- A conversation (`turns`, `conversations` or `messages`; one per line, without `question` / `answer`) is
+  checked with the reader training uses (`records.read_question_answer`): roles alternating user /
+  assistant after an optional system message, string texts, at most one `<image>` marker or image part,
+  in the first user message. A trailing user message is kept in `KEY.json` and dropped when read.
 - Each media file is decoded with `mm_llama.data.decoders` before it is written. A line is skipped
   (reported with line number, file and reason, never fatal) for: invalid JSON or a non-object, an unknown
   or ambiguous layout, a missing or unreadable file, undecodable or unsupported media, an empty or
@@ -70,13 +74,14 @@ from mm_llama.data.decoders import (
     video_frame_count,
 )
 from mm_llama.data.json_limits import JSONLimitError, loads_limited
-from mm_llama.data.records import RecordError, read_question_answer
+from mm_llama.data.records import CHAT_FIELDS, RecordError, read_question_answer
 from mm_llama.data.shard_writer import ShardWriter, validate_key
 
 __all__ = ["LAYOUTS", "ManifestError", "write_shards"]
 
 LAYOUTS = ("image-caption", "image-qa", "audio-text", "video-caption")
 MEDIA_FIELDS = ("image", "audio", "video")
+CONVERSATION_FIELDS = ("turns", *CHAT_FIELDS)
 COMPUTED_FIELDS = ("width", "height", "duration", "sample_rate", "channels", "frames", "source")
 MB = 1_000_000
 
@@ -131,25 +136,30 @@ def _layout(line: dict[str, Any]) -> str:
         )
     kind = media[0]
     if kind == "image":
-        qa = "question" in line or "answer" in line or "turns" in line
+        qa = any(f in line for f in ("question", "answer", *CONVERSATION_FIELDS))
         if qa and "caption" in line:
             raise _Skip(
-                "ambiguous layout: has 'caption' and 'question'/'answer'/'turns'; put captions and QA pairs on "
-                "separate lines"
+                "ambiguous layout: has 'caption' and 'question'/'answer'/a conversation; put captions and QA pairs "
+                "on separate lines"
             )
         return "image-qa" if qa else "image-caption"
     return "audio-text" if kind == "audio" else "video-caption"
 
 
-def _turns(line: dict[str, Any]) -> list[Any]:
-    """A conversation line's ``turns``, checked the way training reads them (`records.read_question_answer`)."""
+def _conversation(line: dict[str, Any]) -> str:
+    """The conversation field of a line (``turns``, ``conversations`` or ``messages``), checked the way
+    training reads it (`records.read_question_answer`)."""
+    present = [f for f in CONVERSATION_FIELDS if f in line]
+    if len(present) > 1:
+        raise _Skip(f"has {present}; a line holds one conversation")
+    name = present[0]
     if "question" in line or "answer" in line:
-        raise _Skip("has both 'turns' and 'question'/'answer'; a conversation puts every question in 'turns'")
+        raise _Skip(f"has both {name!r} and 'question'/'answer'; a conversation puts every question in {name!r}")
     try:
-        read_question_answer(None, {"turns": line["turns"]})
+        read_question_answer(None, {name: line[name]})
     except RecordError as e:
-        raise _Skip(f"'turns': {e}") from None
-    return line["turns"]
+        raise _Skip(f"{name!r}: {e} ({e.reason})") from None
+    return name
 
 
 def _read_media(line: dict[str, Any], field: str, base: Path) -> tuple[Path, str, bytes]:
@@ -240,9 +250,9 @@ def _build(line: dict[str, Any], line_no: int, base: Path) -> _Sample:
 
     if layout in ("image-caption", "image-qa"):
         texts: tuple[str, ...] = ("caption",) if layout == "image-caption" else ("question", "answer")
-        if layout == "image-qa" and "turns" in line:
-            texts = ("turns",)
-            values: dict[str, Any] = {"turns": _turns(line)}
+        if layout == "image-qa" and any(f in line for f in CONVERSATION_FIELDS):
+            texts = (_conversation(line),)
+            values: dict[str, Any] = {texts[0]: line[texts[0]]}
         else:
             values = {f: _text(line, f) for f in texts}
         extras = _extras(line, ("key", "image", *texts))

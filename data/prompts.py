@@ -7,20 +7,24 @@ response and the closing ``<|eot_id|>`` and masks everything else out of the los
 Layout (REFERENCE.md §1, §4; content is ``strip()``-ed as Meta does)::
 
     <|begin_of_text|>
-    [<|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>]        asr / ast only
+    [<|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>]        asr / ast; a ``system`` field
     <|start_header_id|>user<|end_header_id|>\\n\\n{media ids}{text}<|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\\n\\n                          ← end of prompt_ids
     {response}<|eot_id|>                                                       ← labelled
+    [user / assistant exchanges of fields["turns"], each answer + <|eot_id|>    ← labelled]
 
 Each task's prompt parts and response field come from the task registry (`mm_llama.data.tasks`): the
 user turn is the task's ``user_field`` (``prompt`` for captions, with a default instruction; ``question``
 for QA; nothing for speech), the system turn (asr / ast) names the language in ``system_field``, and the
-response is ``response_field`` (``caption``, ``answer``, ``text``, ``translation``).
+response is ``response_field`` (``caption``, ``answer``, ``text``, ``translation``). A task without a
+system template takes its system turn from ``fields["system"]`` when present (a chat record's system message).
 
 Media ids come from :class:`~mm_llama.media_tokens.MediaTokens` and are inserted as ids (the tokenizer
 need not know them): one ``<|image|>`` for the image tasks, one ``<|video|>`` for the video tasks, and
 for speech the span ``[speech_start] + [speech] * n_speech_tokens + [speech_end]`` whose placeholders
-the speech adapter's outputs replace (``n_speech_tokens = speech_token_count(n_frames)``).
+the speech adapter's outputs replace (``n_speech_tokens = speech_token_count(n_frames)``). They open the
+user turn, unless its text holds `IMAGE_SLOT` (a conversation record whose ``<image>`` stands inside the
+question): then they stand there, ``{text before}{media ids}{text after}``, each piece stripped.
 
 Labels are aligned with ``input_ids`` (not shifted; the loss compares the logits at ``t - 1`` with
 ``labels[t]``): ``IGNORE_INDEX`` (−100) on every prompt and media token, the token id itself on the
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mm_llama.adapters.speech_adapter import speech_token_count  # the adapter owns its geometry
+from mm_llama.data.records import IMAGE_SLOT
 from mm_llama.data.tasks import DEFAULT_CAPTION_PROMPT, DEFAULT_VIDEO_PROMPT, get_task, task_names
 from mm_llama.data.tasks import TASKS as TASKS_BY_NAME
 from mm_llama.media_tokens import MediaTokens
@@ -45,6 +50,7 @@ __all__ = [
     "DEFAULT_CAPTION_PROMPT",
     "DEFAULT_VIDEO_PROMPT",
     "IGNORE_INDEX",
+    "IMAGE_SLOT",
     "RESPONSE_FIELDS",
     "TASKS",
     "EmptyLabelsError",
@@ -202,18 +208,32 @@ def prompt_ids(tok: Tokenizer, media: MediaTokens, task: str, fields: Mapping[st
 
 def chat_prompt_ids(tok: Tokenizer, media: MediaTokens, media_ids: list[int], text: str = "", *,
                     system: str | None = None) -> list[int]:
-    """One user turn holding ``media_ids`` then ``text`` (and an optional system turn before it), up to and
-    including the open assistant header: the layout every task's prompt has (module docstring). Used as
-    is for prompts no single task describes, such as an image with a spoken question."""
+    """One user turn holding ``media_ids`` then ``text`` (or ``media_ids`` where ``text`` holds `IMAGE_SLOT`),
+    with an optional system turn before it, up to and including the open assistant header: the layout every
+    task's prompt has (module docstring). Used as is for prompts no single task describes, such as an image
+    with a spoken question."""
     media.check_tokenizer(tok)
     ids = [tok.bos_id]
     if system is not None:
         ids += tok.encode_message("system", system)
-    ids += tok.encode_header("user") + list(media_ids)
-    if text and text.strip():
-        ids += tok.encode(text.strip())
+    ids += tok.encode_header("user") + _user_content(tok, media_ids, text)
     ids += [tok.eot_id] + tok.encode_header("assistant")
     return ids
+
+
+def _user_content(tok: Tokenizer, media_ids: list[int], text: str) -> list[int]:
+    """A user turn's content: ``media_ids`` then the stripped ``text``; when ``text`` holds one `IMAGE_SLOT`,
+    the text before it, ``media_ids``, the text after it (each piece stripped, a blank one left out)."""
+    if text.count(IMAGE_SLOT) > 1:
+        raise ValueError(f"the user text holds {text.count(IMAGE_SLOT)} image slots (U+FFFC); a prompt has one image")
+    before, slot, after = text.partition(IMAGE_SLOT)
+    if not slot:
+        before, after = "", text
+    return _plain(tok, before) + list(media_ids) + _plain(tok, after)
+
+
+def _plain(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(text.strip()) if text.strip() else []
 
 
 def build_example(
@@ -226,7 +246,7 @@ def build_example(
 ) -> Example:
     """Prompt + response + ``<|eot_id|>`` with labels on the response and the eot only; a conversation
     (``fields["turns"]``: later ``(question, answer)`` pairs) continues with one user / assistant exchange
-    per pair, each answer and its ``<|eot_id|>`` labelled.
+    per pair, each answer and its ``<|eot_id|>`` labelled. Only the first question may hold `IMAGE_SLOT`.
 
     ``max_len`` (optional) truncates to at most that many tokens: the prompt is kept whole and the
     response is cut (its ``<|eot_id|>`` first). Raises :class:`EmptyLabelsError` when the response is
@@ -253,7 +273,11 @@ def build_example(
         response = response[:keep]
     input_ids, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + list(response)
     for question, answer in fields.get("turns") or ():  # a conversation: later exchanges, whole or not at all
-        asked = tok.encode_header("user") + tok.encode(_nonempty(question, "question")) + [tok.eot_id] \
+        question = _nonempty(question, "question")
+        if IMAGE_SLOT in question:
+            raise ValueError(f"task {task!r}: a later question holds the image slot (U+FFFC); the image's place "
+                             f"is in the first question, got {question!r:.80}")
+        asked = tok.encode_header("user") + tok.encode(question) + [tok.eot_id] \
             + tok.encode_header("assistant")
         answered = tok.encode(_nonempty(answer, "answer")) + [tok.eot_id]
         if max_len is not None and len(input_ids) + len(asked) + len(answered) > max_len:
@@ -277,6 +301,8 @@ def _prompt_parts(media: MediaTokens, task: str, fields: Mapping[str, Any]) -> t
     system = None
     if spec.system_template is not None:
         system = spec.system_template.format(language_name(_required_text(fields, str(spec.system_field), task)))
+    elif fields.get("system") is not None:
+        system = _required_text(fields, "system", task)
     if spec.modality == "speech":
         media_ids = speech_span(media, _speech_tokens(fields, task))
     else:

@@ -7,7 +7,7 @@ task               family          modality  user turn / system turn            
 =================  ==============  ========  ===================================  =================================
 ``caption``        image_text      image     ``prompt`` (default instruction)     ``caption`` (`read_caption`)
 ``vqa``            image_text      image     ``question``                         ``answer`` (`read_question_answer`)
-``caption_vqa``    image_text      image     per record: vqa if KEY.json has a ``question``, else caption
+``caption_vqa``    image_text      image     per record: vqa if KEY.json has a question or conversation, else caption
 ``video_caption``  video_text      video     ``prompt`` (default instruction)     ``caption``
 ``video_qa``       video_text      video     ``question``                         ``answer``
 ``asr``            audio_text      speech    system: Repeat after me in {lang}:   ``text`` (`read_transcript`)
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mm_llama.data.records import (
-    Record, RecordError, read_caption, read_question_answer, read_transcript, read_translation,
+    CHAT_FIELDS, Record, RecordError, read_caption, read_question_answer, read_transcript, read_translation,
 )
 
 __all__ = [
@@ -90,12 +90,14 @@ class TaskSpec:
         return task.reader(text, meta, **options)
 
 
+_QA_FIELDS = ("question", "turns", *CHAT_FIELDS)
+"""KEY.json fields that make a record a VQA one (for the ``caption_vqa`` mixture)."""
+
 _SPECS = (
     TaskSpec("caption", "image_text", "image", ("image-caption",), "caption", user_field="prompt",
              user_default=DEFAULT_CAPTION_PROMPT, reader=read_caption, evaluated=True),
     TaskSpec("vqa", "image_text", "image", ("image-qa",), "answer", user_field="question",
-             reader=read_question_answer, accepts=lambda meta: "question" in meta or "turns" in meta,
-             evaluated=True),
+             reader=read_question_answer, accepts=lambda meta: any(k in meta for k in _QA_FIELDS), evaluated=True),
     TaskSpec("caption_vqa", "image_text", "image", ("image-qa", "image-caption"), parts=("vqa", "caption")),
     TaskSpec("video_caption", "video_text", "video", ("video-caption",), "caption", user_field="prompt",
              user_default=DEFAULT_VIDEO_PROMPT, reader=read_caption),

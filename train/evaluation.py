@@ -7,9 +7,10 @@ The metrics are in :mod:`mm_llama.train.eval_metrics`, the result type and its f
 :func:`evaluate` runs a model over evaluation shards (read in a fixed order by
 :class:`~mm_llama.train.eval_reader.EvalShardReader`) with greedy decoding and the SAME prompt
 templates as training (:func:`mm_llama.data.prompts.prompt_ids`; the VQA question is used as written
-in the shard, as the training pipeline does), images going through the model's own tiling settings
-(``model.image.vision_cfg.tile_size`` / ``max_tiles``). ``blank_images=True`` swaps every image for a
-mid-grey one of the same size: the control that shows how much of the score comes from the image.
+in the shard, as the training pipeline does, with a chat record's system message and image place), images
+going through the model's own tiling settings (``model.image.vision_cfg.tile_size`` / ``max_tiles``).
+``blank_images=True`` swaps every image for a mid-grey one of the same size: the control that shows how
+much of the score comes from the image.
 :func:`write_result` stores an :class:`EvalResult` as JSON.
 """
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from mm_llama.data.image_transform import TiledImage
 from mm_llama.data.prompts import prompt_ids
-from mm_llama.data.records import EmptyReferenceError, Record
+from mm_llama.data.records import IMAGE_MARKER, IMAGE_SLOT, EmptyReferenceError, Record
 from mm_llama.data.tasks import TASKS, get_task
 from mm_llama.generation import GenerationConfig, generate
 from mm_llama.image_chat import image_batch, image_transform
@@ -139,11 +140,12 @@ def _make_item(sample: Mapping[str, Any], task: str, tokenizer: Tokenizer, media
     record = _references(task, sample)
     question = None if _is_caption(task) else record.fields["question"]  # as written in the shard
     sent = None if question is None else how.question(question)
-    ids = prompt_ids(tokenizer, media, task, _prompt_fields(task, prompt, sent))
+    system = {"system": record.fields["system"]} if "system" in record.fields else {}  # a chat record's own
+    ids = prompt_ids(tokenizer, media, task, {**_prompt_fields(task, prompt, sent), **system})
     if len(ids) >= max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens, leaving no room to answer within the model's "
                          f"max_seq_len of {max_seq_len}")
-    text = question or prompt or str(get_task(task).user_default)
+    text = (question or prompt or str(get_task(task).user_default)).replace(IMAGE_SLOT, IMAGE_MARKER)
     return _Item(key=sample["key"], shard=sample["shard"], prompt=ids, media=how.tiled(sample),
                  references=list(record.references), text=text, qtype=record.qtype, extra=how.extra(sample, record))
 
