@@ -3,13 +3,15 @@
 * `model.kind: llama` — a `LlamaDecoder` for pretraining tiny LMs: from `model.init_from` (an earlier
   `lm_pretrain` run or any Llama checkpoint directory) or `model.base_lm` (a checkpoint to start
   from), else a new one shaped by `model.text` (a preset name or `LlamaConfig` fields; the vocabulary
-  always comes from the tokenizer). Everything trains.
+  always comes from the tokenizer). Everything trains — unless `model.lora` is set: then only the LoRA
+  factors (group `lora`) train and the export merges them into plain weights.
 * `model.kind: multimodal` — the frozen base LM (`load_llama(model.base_lm)`) inside a
   `MultimodalLlama` with the recipe's image encoder (`model.encoder` + `model.vision`) and
   cross-attention before `model.fusion_layers`; the encoder's pretrained weights come from
   `model.encoder_checkpoint`, and `model.init_from` (an earlier adapter run: annealing and SFT start
   from pretraining; several runs load as one union) supplies the adapter weights. The stage is declared
-  once with `set_trainable(model.train)` (the model's group names, `image.encoder` / `image.fusion`).
+  once with `set_trainable(model.train)` (the model's group names, `image.encoder` / `image.fusion`;
+  `lora` when `model.lora` puts LoRA on the LM's layers, saved with the adapter).
 * `data.task: contrastive` — image-encoder pretraining (`mm_llama.train.contrastive`): a timm ViT
   against the frozen LM's caption features.
 
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from mm_llama.adapters.cross_attention import GatedCrossAttentionBlock
+from mm_llama.adapters.lora import LoraConfig, apply_lora
 from mm_llama.checkpoints.files import iter_safetensors
 from mm_llama.checkpoints.loading import LM_RUN_MODEL_DIR as MODEL_DIR, lm_checkpoint_dir, load_llama
 from mm_llama.checkpoints.multimodal_loading import (
@@ -42,6 +45,7 @@ from mm_llama.data.tasks import TASKS
 from mm_llama.modalities.speech import speech_configs
 from mm_llama.multimodal import DECODER_GROUP, MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
+from mm_llama.trainable import LORA_GROUP, split_lora_group, train_only
 from mm_llama.train.recipe import RecipeConfig, RecipeError
 
 ENCODER_FILE = "encoder.safetensors"  # what an image_encoder_pretrain run exports
@@ -128,9 +132,24 @@ def build_llama(cfg: RecipeConfig, tokenizer: Tokenizer) -> LlamaDecoder:
         torch.manual_seed(cfg.train.seed)
         model = LlamaDecoder(text_config(cfg.model.text, tokenizer))
     model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    if cfg.model.lora is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:  # LoRA fine-tune: the LM stays frozen, its export merges the factors (stages._lm_export)
+        attach_lora(model, cfg)
+        train_only(split_lora_group({DECODER_GROUP: dict(model.named_parameters())}), [LORA_GROUP])
     return model
+
+
+def attach_lora(model: nn.Module, cfg: RecipeConfig) -> list[str]:
+    """`model.lora` (when set) put on the LM's layers (`adapters.lora.apply_lora`); a bad setting or a
+    target that matches no layer is a RecipeError naming it. Returns the wrapped layers' names."""
+    if cfg.model.lora is None:
+        return []
+    try:
+        return apply_lora(model, LoraConfig.from_fields(dataclasses.asdict(cfg.model.lora)))
+    except ValueError as err:
+        raise RecipeError(f"model.lora: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------ multimodal
@@ -328,6 +347,7 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
     except ValueError as err:
         raise RecipeError(str(err)) from err
     model = MultimodalLlama(decoder, modalities)
+    attach_lora(model, cfg)  # before the groups are read: LoRA adds the group `lora`
     trained = model_cfg.trainable_groups(model.group_names())
     if DECODER_GROUP in trained:
         raise RecipeError("model.train lists decoder: the adapter stages keep the LM frozen, and a run's export "
@@ -420,7 +440,7 @@ def _shard_feature_stats(cfg: RecipeConfig) -> tuple[torch.Tensor, torch.Tensor]
 
 
 __all__ = [
-    "ENCODER_FILE", "MODEL_DIR", "TOKENIZER_FILES", "adapter_weights_of", "build_llama", "build_multimodal",
+    "ENCODER_FILE", "MODEL_DIR", "TOKENIZER_FILES", "adapter_weights_of", "attach_lora", "build_llama", "build_multimodal",
     "check_data_geometry", "encoder_weights_file", "init_fusion_gates", "lm_checkpoint_dir", "load_adapter_weights",
     "SPEECH_ENCODER_FILE", "build_speech_encoder", "load_speech_encoder",
     "load_encoder_checkpoint", "load_recipe_tokenizer", "modality_fields", "model_modalities",

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from mm_llama.trainable import split_lora_group
 from mm_llama.train.recipe import DECODER_GROUP, PARAM_KINDS, OptimConfig, RecipeError, ScheduleConfig
 
 
@@ -44,11 +45,11 @@ def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     """`{group: {name: param}}` with every parameter in exactly one group.
 
     Uses the model's own `parameter_groups()` when it has one (`MultimodalLlama`); a plain
-    `LlamaDecoder` or any other module is the single group `decoder`.
+    `LlamaDecoder` or any other module is the single group `decoder` (plus `lora`, its LoRA factors).
     """
     inner = unwrap(model)
     own = getattr(inner, "parameter_groups", None)
-    groups = own() if callable(own) else {DECODER_GROUP: dict(inner.named_parameters())}
+    groups = own() if callable(own) else split_lora_group({DECODER_GROUP: dict(inner.named_parameters())})
     seen: dict[int, str] = {}
     for group, params in groups.items():
         for name, p in params.items():

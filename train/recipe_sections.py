@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 DECODER_GROUP = "decoder"  # the LM's trainable group; the others come from the model (train.optim)
+LORA_GROUP = "lora"  # LoRA factors in the LM's layers (mm_llama.trainable; kept here so recipes import no torch)
 PARAM_KINDS = ("weight", "bias", "norm", "gate", "embedding")  # see train.optim.param_kind
 
 
@@ -18,6 +19,27 @@ class RecipeError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ sections
+@dataclass
+class LoraSection:
+    """`model.lora`: low-rank updates on frozen linear layers of the LM (`mm_llama.adapters.lora`).
+
+    `rank` r, `alpha` (the update is scaled by alpha / r), `dropout` on the LoRA input, `targets`: the
+    linear layers of each decoder layer to wrap, by our names (`wq wk wv wo w1 w2 w3`) or Hugging Face's
+    (`q_proj k_proj v_proj o_proj gate_proj down_proj up_proj`). The factors form the trainable group
+    `lora`; list it in `model.train` (null trains every group but `decoder`, `lora` included).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
+
+    def problems(self) -> list[str]:
+        from mm_llama.adapters.lora import lora_problems  # torch only for recipes that use LoRA
+
+        return [f"model.lora.{p}" for p in lora_problems(self.rank, self.alpha, self.dropout, self.targets)]
+
+
 @dataclass
 class ModelConfig:
     """What is built and what trains.
@@ -47,7 +69,9 @@ class ModelConfig:
     `preset`), `encoder_checkpoint` (a BEST-RQ run or its `speech_encoder.safetensors`: the Conformer
     to start from) and `best_rq`. `contrastive`: settings of
     contrastive image-encoder pretraining (`data.task: contrastive`; see `train.contrastive`):
-    `embed_dim`, `pool` (cls | mean), `init_temperature`, `max_logit_scale`.
+    `embed_dim`, `pool` (cls | mean), `init_temperature`, `max_logit_scale`. `lora`: LoRA on the LM's
+    linear layers (`LoraSection`; null = none): its trainable group is `lora`, the LM's weights stay
+    frozen; for `model.kind: llama` the stage then trains `lora` only and its export merges it.
     """
 
     kind: Literal["multimodal", "llama", "speech_encoder"] = "multimodal"
@@ -64,17 +88,22 @@ class ModelConfig:
     video: dict[str, Any] = field(default_factory=dict)
     train: list[str] | None = None
     contrastive: dict[str, Any] = field(default_factory=dict)
+    lora: LoraSection | None = None
 
     def problems(self) -> list[str]:
-        out = []
+        out = self.lora.problems() if self.lora is not None else []
         if self.train is not None and not self.train:
             out.append("model.train is empty: nothing would train; name at least one group (null = every group "
                        "but the LM's)")
         if self.kind == "llama" and len(self.init_runs()) > 1:
             out.append(f"model.init_from lists {len(self.init_runs())} runs: a model.kind=llama stage starts from one LM")
-        if self.kind == "llama" and self.train not in (None, [DECODER_GROUP]):
-            out.append(f"model.train={self.train}: a model.kind=llama stage trains its one group, decoder; "
+        llama_group = LORA_GROUP if self.lora is not None else DECODER_GROUP
+        if self.kind == "llama" and self.train not in (None, [llama_group]):
+            out.append(f"model.train={self.train}: a model.kind=llama stage trains its one group, {llama_group}"
+                       f"{' (model.lora is set; the LM stays frozen)' if self.lora is not None else ''}; "
                        "leave model.train out")
+        if self.lora is not None and self.kind == "speech_encoder":
+            out.append("model.lora puts LoRA on an LM, but model.kind=speech_encoder has none; remove model.lora")
         out += [f"model.fusion_layers has a negative index {i}" for i in self.fusion_layers if i < 0]
         out += [f"model.modalities: unknown modality {m!r}; use image, video and/or speech"
                 for m in self.modalities or [] if m not in ("image", "video", "speech")]

@@ -97,9 +97,10 @@ def _lm_source(cfg: RecipeConfig, built: Built, shards: list[str], *, rank: int,
 
 
 def _lm_export(model: nn.Module, run_dir: Path, built: Built, step: int) -> Path:
+    from mm_llama.adapters.lora import merged_copy
     from mm_llama.checkpoints.hf import save_hf
 
-    export = save_hf(model, run_dir / MODEL_DIR)
+    export = save_hf(merged_copy(model), run_dir / MODEL_DIR)  # a LoRA fine-tune exports plain, merged weights
     copy_tokenizer(built.tokenizer_dir, export)
     return export
 

@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import save as safetensors_bytes
 
+from mm_llama.adapters.lora import LORA_GROUP, LoraConfig, apply_lora, lora_config_of
 from mm_llama.atomic_file import atomic_write
 from mm_llama.checkpoints.files import config_errors, iter_safetensors, read_json_object
 from mm_llama.checkpoints.loading import (
@@ -151,13 +152,15 @@ def export_groups(model: MultimodalLlama) -> list[str]:
     trained modality too, so the run loads on its own) or loaded from an earlier run
     (`model.loaded_modalities`, set by `model.init_from`), nothing of the LM or of modalities that are
     still at their random initialisation — except what a kept modality borrows (video: the image encoder
-    and projector it reads frames with), without which the run would not load. Adapters of different modalities load onto one LM as a plain
+    and projector it reads frames with), without which the run would not load; LoRA (group `lora`)
+    whenever the model has it (its run records it, so loading expects its weights). Adapters of different modalities load onto one LM as a plain
     union of their files, and a run that started from such a union exports all of it."""
     groups = model.parameter_groups()
     trained = {g.split(".", 1)[0] for g, params in groups.items()
                if g != DECODER_GROUP and any(p.requires_grad for p in params.values())}
-    kept = trained | set(model.loaded_modalities)
-    kept |= {borrowed for name in kept for borrowed in model.modalities[name].borrows}  # video reads image's encoder
+    kept = trained | set(model.loaded_modalities) | {LORA_GROUP}
+    kept |= {borrowed for name in kept if name in model.modalities
+             for borrowed in model.modalities[name].borrows}  # video reads image's encoder
     return [g for g in groups if g.split(".", 1)[0] in kept]
 
 
@@ -203,13 +206,16 @@ def save_adapter(model: MultimodalLlama, out_dir: str | Path, *, base_lm: str | 
         elif isinstance(modality, VideoModality):
             run_cfg["video"] = video_config_fields(modality)
     run_cfg["n_fusion_tokens"] = model.n_media_tokens
+    if (lora := lora_config_of(model)) is not None:
+        run_cfg["lora"] = lora.to_fields()
     atomic_write(out / ADAPTER_FILE, safetensors_bytes(adapter_state_dict(model, groups), metadata={"format": "pt"}))
     atomic_write(out / RUN_CONFIG, yaml.safe_dump(run_cfg, sort_keys=False))
     return out
 
 
 def read_adapter_run_config(directory: str | Path) -> dict[str, Any]:
-    """`{base_lm, modalities, encoder, vision, fusion_layers, speech, video, n_fusion_tokens}` of a run / export.
+    """`{base_lm, modalities, encoder, vision, fusion_layers, speech, video, n_fusion_tokens, lora}` of a run /
+    export (`lora`: the LoRA settings, None without LoRA).
 
     `config.yaml` is either `save_adapter`'s own schema (those keys at the top level) or the training
     recipe `mm-llama train` writes (a `model:` section holding `base_lm`, the resolved `modalities`, the
@@ -246,7 +252,7 @@ def read_adapter_run_config(directory: str | Path) -> dict[str, Any]:
     fields = {"base_lm": model["base_lm"], "modalities": modalities, "encoder": model.get("encoder"),
               "vision": dict(model.get("vision") or {}), "fusion_layers": list(model.get("fusion_layers") or []),
               "speech": dict(model.get("speech") or {}), "video": dict(model.get("video") or {}),
-              "n_fusion_tokens": model.get("n_fusion_tokens", 8)}
+              "n_fusion_tokens": model.get("n_fusion_tokens", 8), "lora": model.get("lora")}
     fields["vision"].pop("weights", None)
     return fields
 
@@ -311,6 +317,8 @@ def load_adapter_run(
     with torch.device("meta"):
         model = MultimodalLlama(LlamaDecoder(text_cfg), modalities_from_fields(text_cfg, run_cfg),
                                 n_media_tokens=int(run_cfg.get("n_fusion_tokens", 8)))
+        if run_cfg["lora"]:  # the factors come from the adapter file
+            apply_lora(model, LoraConfig.from_fields(run_cfg["lora"]))
     tensors: Iterator[tuple[str, torch.Tensor]] = itertools.chain(
         ((f"decoder.{k}", v) for k, v in llama_tensors(base, text_cfg)),
         upgrade_adapter_keys(dict(iter_safetensors([directory / ADAPTER_FILE]))).items(),
