@@ -333,6 +333,9 @@ class RecipeConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):  # range checks of a non-finite key would only repeat it
                 out += [p for p in section.problems() if p.split(" ", 1)[0] not in bad]
+        if self.model.lora is not None and self.data.task == "contrastive":
+            out.append("model.lora puts LoRA on the LM, but data.task=contrastive trains the image encoder against "
+                       "the frozen LM's caption features and saves only the encoder; remove model.lora")
         if self.schedule.warmup_steps > self.total_steps:
             out.append(f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds the schedule's "
                        f"{self.total_steps} steps; shorten the warm-up or raise schedule.total_steps / train.steps")

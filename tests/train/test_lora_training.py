@@ -94,14 +94,18 @@ def test_a_text_only_lora_fine_tune_exports_merged_plain_weights(assets: Assets,
         assert not torch.equal(export.layers[0].attention.wq.weight, base["layers.0.attention.wq.weight"])
 
 
-@pytest.mark.parametrize(("override", "named"), [
-    ('model.lora={"rank": 0}', "model.lora.rank must be a whole number >= 1, got 0"),
-    ('model.lora.dropout=1.5', "model.lora.dropout must lie in [0, 1), got 1.5"),
-    ('model.lora.rank="four"', "model.lora.rank: expected an integer, got 'four'"),
+@pytest.mark.parametrize(("overrides", "named"), [
+    (['model.lora={"rank": 0}'], "model.lora.rank must be a whole number >= 1, got 0"),
+    (["model.lora.dropout=1.5"], "model.lora.dropout must lie in [0, 1), got 1.5"),
+    (['model.lora.rank="four"'], "model.lora.rank: expected an integer, got 'four'"),
+    (["model.lora.alpha=-1"], "model.lora.alpha must be a finite number > 0, got -1.0"),
+    (["model.lora.targets=[]"], "model.lora.targets must be a non-empty list"),
+    (["model.lora.rank=2", 'data.task="contrastive"'], "data.task=contrastive trains the image encoder"),
 ])
-def test_bad_lora_settings_are_recipe_errors_naming_the_value(assets: Assets, override: str, named: str) -> None:  # noqa: F811
+def test_bad_lora_settings_are_recipe_errors_naming_the_value(assets: Assets, overrides: list[str],  # noqa: F811
+                                                              named: str) -> None:
     with pytest.raises(RecipeError) as err:
-        load_recipe("tiny_vision_pretrain", mm_overrides(assets) + [override])
+        load_recipe("tiny_vision_pretrain", mm_overrides(assets) + overrides)
     assert named in str(err.value)
 
 
