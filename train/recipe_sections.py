@@ -102,6 +102,11 @@ class ModelConfig:
             out.append(f"model.train={self.train}: a model.kind=llama stage trains its one group, {llama_group}"
                        f"{' (model.lora is set; the LM stays frozen)' if self.lora is not None else ''}; "
                        "leave model.train out")
+        if self.lora is not None and self.kind == "multimodal" and self.train == [LORA_GROUP] and not self.init_from:
+            out.append("model.train=[lora] with no model.init_from: the modalities would stay at their random start "
+                       "and the run's adapter file (which holds only trained or loaded modalities) could not be "
+                       "loaded; start from an adapter run (model.init_from), train a modality group as well, or "
+                       "fine-tune the text LM alone with model.kind=llama")
         if self.lora is not None and self.kind == "speech_encoder":
             out.append("model.lora puts LoRA on an LM, but model.kind=speech_encoder has none; remove model.lora")
         out += [f"model.fusion_layers has a negative index {i}" for i in self.fusion_layers if i < 0]

@@ -101,6 +101,7 @@ def test_a_text_only_lora_fine_tune_exports_merged_plain_weights(assets: Assets,
     (["model.lora.alpha=-1"], "model.lora.alpha must be a finite number > 0, got -1.0"),
     (["model.lora.targets=[]"], "model.lora.targets must be a non-empty list"),
     (["model.lora.rank=2", 'data.task="contrastive"'], "data.task=contrastive trains the image encoder"),
+    (["model.lora.rank=2", 'model.train=["lora"]'], "model.train=[lora] with no model.init_from"),
 ])
 def test_bad_lora_settings_are_recipe_errors_naming_the_value(assets: Assets, overrides: list[str],  # noqa: F811
                                                               named: str) -> None:
