@@ -237,7 +237,7 @@ def _part(part: Any, where: str) -> str:
     if kind in ("image", "image_url"):
         return IMAGE_MARKER
     if kind == "text" and isinstance(part.get("text"), str):
-        return str(part["text"])
+        return part["text"]
     raise RecordError("bad_field", f"{where} must be {{'type': 'text', 'text': STR}}, {{'type': 'image'}} or "
                                    f"{{'type': 'image_url', ...}}, got {part!r:.80}")
 
@@ -255,9 +255,9 @@ def _exchanges(messages: list[_Message], name: str) -> tuple[_Message | None, li
         if message.role == "system":
             raise RecordError("bad_field", f"{name}[{message.index}] is a system message; one may only come first")
         if message.role != expected:
-            raise RecordError("bad_field", f"{name}[{message.index}] is a {message.role!r} message where a "
-                                           f"{expected!r} one was expected: messages alternate user / assistant, "
-                                           "starting with user (after an optional system message)")
+            raise RecordError("bad_field", f"{name}[{message.index}] has role {message.role!r} where {expected!r} was "
+                                           "expected: messages alternate user / assistant, starting with user "
+                                           "(after an optional system message)")
     if not rest:
         raise RecordError("missing_field", f"{name!r} in KEY.json has no user message answered by an assistant one")
     return system, [(rest[n], rest[n + 1]) for n in range(0, len(rest), 2)]

@@ -153,9 +153,9 @@ BAD = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image> what?"}]},
         {"role": "assistant", "content": "a"}]}, "bad_field", "holds 2 image markers"),
     ("user, user", llava(("human", "q"), ("human", "q2"), ("gpt", "a")), "bad_field",
-     "conversations[1] is a 'user' message where a 'assistant' one was expected"),
+     "conversations[1] has role 'user' where 'assistant' was expected"),
     ("assistant first", llava(("gpt", "a"), ("human", "q")), "bad_field",
-     "conversations[0] is a 'assistant' message where a 'user' one was expected"),
+     "conversations[0] has role 'assistant' where 'user' was expected"),
     ("late system", llava(("human", "q"), ("gpt", "a"), ("system", "s"), ("gpt", "b")), "bad_field",
      "conversations[2] is a system message; one may only come first"),
     ("non-string value", llava(("human", ["q"]), ("gpt", "a")), "bad_field",
@@ -272,3 +272,18 @@ def test_malformed_records_in_shards_are_counted_by_reason(tok: Tokenizer, media
                                media=media)
     _, sources = collect(loader)
     assert len(sources) == 1 and loader.stats.skipped == {"bad_field": 4, "empty_labels": 1}
+
+
+def test_a_question_wording_wraps_each_question_and_keeps_the_image_in_place(tok: Tokenizer, media: MediaTokens,
+                                                                             folder: Path, tmp_path: Path) -> None:
+    write_shards(manifest(folder, "wording", [LLAVA]), tmp_path / "shards", progress=False)
+    loader = image_text_loader(config(str(tmp_path / "shards" / "*.tar"), batch_size=1), tok, task="vqa",
+                               media=media, prompt="Answer briefly. {question}")
+    (batch,), _ = collect(loader)
+    ids = batch.text.input_ids[0][batch.text.attention_mask[0]].tolist()
+    expected = ([tok.bos_id] + turn(tok, "system", "Answer briefly.") + header(tok, "user")
+                + tok.encode("Answer briefly. Look at this picture:") + [media.image] + tok.encode("What is it?")
+                + [tok.eot_id] + header(tok, "assistant") + tok.encode("A red circle.") + [tok.eot_id]
+                + turn(tok, "user", "Answer briefly. Where is it?") + header(tok, "assistant")
+                + tok.encode("On the left.") + [tok.eot_id])
+    assert ids == expected
