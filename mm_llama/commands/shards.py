@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Write webdataset shards (OUTDIR/shard-NNNNNN.tar) and OUTDIR/stats.json from a JSONL manifest. "
             'Each line is one of {"image": PATH, "caption": TEXT}, {"image": PATH, "question": TEXT, '
-            '"answer": TEXT}, {"audio": PATH, "text": TEXT, "language": LANG[, "translation": TEXT]}, '
+            '"answer": TEXT} (or a conversation instead of question/answer: "turns", LLaVA "conversations" or '
+            'chat "messages"), {"audio": PATH, "text": TEXT, "language": LANG[, "translation": TEXT]}, '
             '{"video": PATH, "caption": TEXT}, with an optional "key". Relative paths resolve against the '
             "manifest's folder. Every media file is decoded to validate it; bad lines are skipped and listed "
             "in stats.json with their line numbers (a line nested deeper than 64 levels, with a 5,000-digit number "
