@@ -165,9 +165,17 @@ def hf_state_dict(model: torch.nn.Module, cfg: LlamaConfig) -> dict[str, torch.T
     return out
 
 
-def save_hf(model: torch.nn.Module, directory: str | Path, *, max_shard_bytes: int | None = None) -> Path:
-    """Write `config.json` + safetensors in HF layout (sharded with an index above `max_shard_bytes`); each
-    file is written atomically (`mm_llama.atomic_file`), so a reader never sees a torn one."""
+def save_hf(model: torch.nn.Module, directory: str | Path, *, max_shard_bytes: int | None = None,
+            tokenizer_dir: str | Path | None = None, chat: bool = False) -> Path:
+    """Write `config.json`, `generation_config.json` + safetensors in HF layout (sharded with an index above
+    `max_shard_bytes`); each file is written atomically (`mm_llama.atomic_file`), so a reader never sees a
+    torn one. With `tokenizer_dir` (a directory holding `tokenizer.json` or Meta's `tokenizer.model`) the
+    tokenizer files and chat template are written too (`serving_files`) and the generation config stops at
+    its end_of_text / eom / eot ids; `chat`: the tokenizer's EOS is `<|eot_id|>`."""
+    from mm_llama.checkpoints.serving_files import (
+        tokenizer_generation_ids, write_generation_config, write_tokenizer_files,
+    )
+
     cfg: LlamaConfig = model.cfg
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -175,12 +183,23 @@ def save_hf(model: torch.nn.Module, directory: str | Path, *, max_shard_bytes: i
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     atomic_write(directory / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
+    ids = {"bos_id": cfg.bos_token_id, "stop_ids": [cfg.eos_token_id], "pad_id": None}
+    if tokenizer_dir is not None:
+        tok = write_tokenizer_files(Path(tokenizer_dir), directory, image_id=None, chat=chat, max_len=cfg.max_seq_len)
+        ids = tokenizer_generation_ids(tok)
+    write_generation_config(directory, **ids)
+    write_safetensors(tensors, directory, max_shard_bytes)
+    return directory
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None = None) -> None:
+    """`model.safetensors`, or shards of at most `max_shard_bytes` plus `model.safetensors.index.json`."""
     shards = _split_shards(tensors, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
         with atomic_path(directory / SINGLE_FILE) as tmp:
             save_file(shards[0], str(tmp), metadata=metadata)
-        return directory
+        return
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -190,7 +209,6 @@ def save_hf(model: torch.nn.Module, directory: str | Path, *, max_shard_bytes: i
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     atomic_write(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-    return directory
 
 
 def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:

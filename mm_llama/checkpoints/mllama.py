@@ -19,6 +19,9 @@ from mm_llama.checkpoints.state_dict import CheckpointError
 from mm_llama.config import ConfigFields, LlamaConfig, show_value
 
 IMAGE_ROW_KEY = "decoder.tok_embeddings.media.image.weight"  # the <|image|> row (Meta's learnable row 0)
+# In `vision_config` of an mm-llama export for transformers 5.x (`--vision-taps transformers5`): "leaving" means
+# `intermediate_layers_indices` name the layer *before* each tap (transformers 5.x reads layer outputs).
+TAP_CONVENTION_KEY = "mm_llama_tap_convention"
 
 CROSS_LAYER_NAMES = {  # HF suffix inside a cross-attention layer → ours inside the fusion block
     "cross_attn.q_proj.weight": "attention.wq.weight",
@@ -50,6 +53,18 @@ def merged_to_fusion_layers(cross_attention_layers: list[int]) -> list[int]:
     """HF merged cross-attention indices → indices of the self-attention layers they precede."""
     cross = sorted(cross_attention_layers)
     return [j - k for k, j in enumerate(cross)]
+
+
+def fusion_to_merged_layers(fusion_layers: list[int]) -> list[int]:
+    """Inverse of `merged_to_fusion_layers`: the k-th cross-attention layer (in order) before self-attention
+    layer f sits at merged index `f + k` (11B: [3, 7, …, 31] → [3, 8, …, 38])."""
+    return [f + k for k, f in enumerate(sorted(fusion_layers))]
+
+
+def merged_self_layer(own: int, fusion_layers: list[int]) -> int:
+    """The merged index of self-attention layer `own`: after every cross-attention layer placed before it
+    or before an earlier layer."""
+    return own + sum(1 for f in fusion_layers if f <= own)
 
 
 def text_config_from_hf(text: dict[str, Any]) -> tuple[LlamaConfig, list[int]]:

@@ -19,15 +19,15 @@ from safetensors.torch import save as safetensors_bytes
 
 from mm_llama.adapters.lora import LORA_GROUP, LoraConfig, apply_lora, lora_config_of
 from mm_llama.atomic_file import atomic_write
-from mm_llama.checkpoints.files import config_errors, iter_safetensors, read_json_object
-from mm_llama.checkpoints.loading import (
-    checkpoint_format, llama_config_from_dir, llama_tensors, lm_checkpoint_dir, parse_dtype,
-)
-from mm_llama.checkpoints.mllama import (
-    IMAGE_ROW_KEY, load_hf_mllama_tensors, load_meta_mllama_tensors, text_config_from_hf,
-)
+from mm_llama.checkpoints.files import iter_safetensors
+from mm_llama.checkpoints.loading import llama_config_from_dir, llama_tensors, lm_checkpoint_dir, parse_dtype
+from mm_llama.checkpoints.mllama import IMAGE_ROW_KEY
 from mm_llama.checkpoints.state_dict import CheckpointError, assign_state_dict
-from mm_llama.config import ConfigFields, LlamaConfig
+from mm_llama.checkpoints.vision_checkpoint import (  # noqa: F401  (vision_config_class: re-exported)
+    is_vision_checkpoint, vision_checkpoint_config, vision_checkpoint_tensors, vision_config_class,
+    vision_config_from_dict,
+)
+from mm_llama.config import LlamaConfig
 from mm_llama.fusion import fusion_schedule
 from mm_llama.modalities import ImageModality, Modality, SpeechModality
 from mm_llama.modalities.speech import speech_config_fields, speech_configs
@@ -39,72 +39,9 @@ ADAPTER_FILE = "adapter.safetensors"
 RUN_CONFIG = "config.yaml"
 
 
-def vision_config_class(encoder: str) -> type:
-    if encoder == "mllama":
-        from mm_llama.encoders.mllama_vision import VisionConfig
-
-        return VisionConfig
-    if encoder == "timm":
-        from mm_llama.encoders.timm_vit import TimmEncoderConfig
-
-        return TimmEncoderConfig
-    raise ValueError(f"unknown image encoder {encoder!r}; use 'mllama' or 'timm'")
-
-
-def vision_config_from_dict(encoder: str, fields: dict[str, Any]) -> Any:
-    """Rebuild an encoder config from YAML/JSON fields (lists become the dataclass' tuples)."""
-    cls = vision_config_class(encoder)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {encoder} encoder setting(s) {unknown}; known: {sorted(known)}")
-    values = {k: tuple(v) if isinstance(v, list) and "tuple" in str(known[k].type) else v for k, v in fields.items()}
-    return cls(**values)
-
-
 def _build(cfg: MultimodalConfig) -> MultimodalLlama:
     with torch.device("meta"):
         return MultimodalLlama.from_config(cfg)
-
-
-def _config_from_hf(directory: Path) -> tuple[MultimodalConfig, list[int]]:
-    file = directory / "config.json"
-    hf = read_json_object(file)
-    if hf.get("model_type") != "mllama":
-        raise CheckpointError(
-            f"{directory} holds a {hf.get('model_type', 'unknown')!r} model, not Llama 3.2 Vision (mllama); "
-            "for a text-only Llama use `mm-llama generate`"
-        )
-    with config_errors(file):
-        fields = ConfigFields(hf, missing_hint="is this a Llama 3.2 Vision (Mllama) config.json?")
-        text, vision_fields = fields.section("text_config"), fields.section("vision_config")
-        if text is None or vision_fields is None:
-            raise ValueError(f"the config is missing the field {'text_config' if text is None else 'vision_config'!r}"
-                             "; an Mllama config.json has both text_config and vision_config objects")
-        text_cfg, fusion = text_config_from_hf(text.data)
-        vision = vision_config_class("mllama").from_hf_dict(hf)  # reads hf["vision_config"], names it so
-        cfg = MultimodalConfig(text=text_cfg, vision=vision, encoder="mllama", fusion_layers=tuple(fusion))
-    return cfg, list(text.data.get("cross_attention_layers") or [])
-
-
-def _config_from_meta(directory: Path) -> MultimodalConfig:
-    file = directory / "params.json"
-    params = read_json_object(file)
-    if "vision_chunk_size" not in params:
-        raise CheckpointError(
-            f"{directory}/params.json describes a text-only Llama (no vision_chunk_size); "
-            "for it use `mm-llama generate`"
-        )
-    with config_errors(file):
-        text_cfg = LlamaConfig.from_meta_params(params)
-        fields = ConfigFields(params, missing_hint="a Llama 3.2 Vision params.json states it")
-        fusion = fusion_schedule(text_cfg.n_layers, fields.integer("vision_num_cross_attention_layers"))
-        # Meta hard-codes the ViT-H/14 shape; `vision_encoder` (an mm-llama extension) overrides it for tests.
-        extra = fields.section("vision_encoder")
-        vision_fields = {"tile_size": fields.integer("vision_chunk_size"),
-                         "max_tiles": fields.integer("vision_max_num_chunks", 4), **(extra.data if extra else {})}
-        vision = vision_config_from_dict("mllama", vision_fields)
-        return MultimodalConfig(text=text_cfg, vision=vision, encoder="mllama", fusion_layers=tuple(fusion))
 
 
 def load_multimodal(
@@ -118,13 +55,8 @@ def load_multimodal(
     directory = Path(path)
     if (directory / RUN_CONFIG).is_file():
         return load_adapter_run(directory, dtype=dtype, device=device, max_seq_len=max_seq_len)
-    fmt = checkpoint_format(directory)
-    if fmt == "hf":
-        cfg, cross = _config_from_hf(directory)
-        tensors = load_hf_mllama_tensors(directory, cfg.text, cross)
-    else:
-        cfg = _config_from_meta(directory)
-        tensors = load_meta_mllama_tensors(directory, list(cfg.fusion_layers), cfg.vision)
+    cfg = vision_checkpoint_config(directory)
+    tensors = vision_checkpoint_tensors(directory, cfg)
     if max_seq_len is not None:
         cfg = dataclasses.replace(cfg, text=cfg.text.replace(max_seq_len=max_seq_len))
     model = _build(cfg)
@@ -154,14 +86,29 @@ def export_groups(model: MultimodalLlama) -> list[str]:
     still at their random initialisation — except what a kept modality borrows (video: the image encoder
     and projector it reads frames with), without which the run would not load; LoRA (group `lora`)
     whenever the model has it (its run records it, so loading expects its weights). Adapters of different modalities load onto one LM as a plain
-    union of their files, and a run that started from such a union exports all of it."""
+    union of their files, and a run that started from such a union exports all of it. Of a modality the
+    base checkpoint holds (`base_modalities`: Llama 3.2 Vision's image part) only the trained groups are
+    exported, since loading the run takes the rest from the base."""
     groups = model.parameter_groups()
     trained = {g.split(".", 1)[0] for g, params in groups.items()
                if g != DECODER_GROUP and any(p.requires_grad for p in params.values())}
     kept = trained | set(model.loaded_modalities) | {LORA_GROUP}
     kept |= {borrowed for name in kept if name in model.modalities
              for borrowed in model.modalities[name].borrows}  # video reads image's encoder
-    return [g for g in groups if g.split(".", 1)[0] in kept]
+    # a Llama 3.2 Vision base holds its image modality: of it only what trains is new (unless an earlier
+    # run, init_from, replaced its weights: then all of it, as for any loaded modality)
+    in_base = base_modalities(model) - set(model.loaded_modalities)
+    return [g for g in groups if g.split(".", 1)[0] in kept
+            and (g.split(".", 1)[0] not in in_base or any(p.requires_grad for p in groups[g].values()))]
+
+
+BASE_MODALITIES = "base_modalities"  # attribute naming the modalities whose weights the base checkpoint holds
+
+
+def base_modalities(model: MultimodalLlama) -> frozenset[str]:
+    """The modalities `model`'s base checkpoint supplies (`image` when a run starts from a Llama 3.2 Vision
+    checkpoint; empty for a text-only base). A run exports only the trained groups of these."""
+    return frozenset(getattr(model, BASE_MODALITIES, ()))
 
 
 _LEGACY_PREFIXES = (("encoder.", "image.encoder."), ("projector.", "image.projector."))
@@ -299,6 +246,32 @@ def adapter_run_base_lm(directory: str | Path) -> Path:
     )
 
 
+def check_run_matches_vision_base(run_cfg: dict[str, Any], base_cfg: MultimodalConfig, run: Path, base: Path) -> None:
+    """A run trained from a Llama 3.2 Vision checkpoint records that checkpoint's image settings; a
+    CheckpointError names the first that differs (the base was replaced since the run, or the run is not
+    from this base)."""
+    if "image" not in run_cfg["modalities"]:
+        raise CheckpointError(f"{run / RUN_CONFIG} names the Llama 3.2 Vision checkpoint {base} as its base but not the "
+                              "image modality it brings; add image to its modalities")
+    recorded = {"encoder": run_cfg["encoder"], "fusion_layers": list(run_cfg["fusion_layers"])}
+    expected = {"encoder": base_cfg.encoder, "fusion_layers": list(base_cfg.fusion_layers)}
+    try:
+        recorded["vision"] = dataclasses.asdict(vision_config_from_dict(run_cfg["encoder"], run_cfg["vision"]))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{run / RUN_CONFIG}: its vision settings do not describe a Llama 3.2 Vision encoder "
+                              f"({err}); the run was not trained from the base {base}") from err
+    expected["vision"] = dataclasses.asdict(base_cfg.vision)
+    for field in ("encoder", "fusion_layers", "vision"):
+        if recorded[field] != expected[field]:
+            if field == "vision":
+                name = next(k for k in expected["vision"] if recorded["vision"].get(k) != expected["vision"][k])
+                field, got, want = f"vision.{name}", recorded["vision"].get(name), expected["vision"][name]
+            else:
+                got, want = recorded[field], expected[field]
+            raise CheckpointError(f"{run / RUN_CONFIG} records {field}={got} but its base {base} has {want}: the "
+                                  "base is not the checkpoint the run was trained from; point base_lm at that one")
+
+
 def load_adapter_run(
     directory: Path,
     *,
@@ -313,15 +286,22 @@ def load_adapter_run(
     if not (directory / ADAPTER_FILE).is_file():
         raise CheckpointError(f"{directory} has {RUN_CONFIG} but no {ADAPTER_FILE}; the run saved no adapter yet")
     base = adapter_run_base_lm(directory)
-    text_cfg = llama_config_from_dir(base, max_seq_len)
+    base_tensors: Iterator[tuple[str, torch.Tensor]]
+    if is_vision_checkpoint(base):  # a Llama 3.2 Vision base: trunk and image modality come from it
+        base_cfg = vision_checkpoint_config(base)
+        check_run_matches_vision_base(run_cfg, base_cfg, directory, base)
+        text_cfg = base_cfg.text if max_seq_len is None else base_cfg.text.replace(max_seq_len=max_seq_len)
+        base_tensors = vision_checkpoint_tensors(base, base_cfg)
+    else:
+        text_cfg = llama_config_from_dir(base, max_seq_len)
+        base_tensors = ((f"decoder.{k}", v) for k, v in llama_tensors(base, text_cfg))
     with torch.device("meta"):
         model = MultimodalLlama(LlamaDecoder(text_cfg), modalities_from_fields(text_cfg, run_cfg),
                                 n_media_tokens=int(run_cfg.get("n_fusion_tokens", 8)))
         if run_cfg["lora"]:  # the factors come from the adapter file
             apply_lora(model, LoraConfig.from_fields(run_cfg["lora"]))
-    tensors: Iterator[tuple[str, torch.Tensor]] = itertools.chain(
-        ((f"decoder.{k}", v) for k, v in llama_tensors(base, text_cfg)),
-        upgrade_adapter_keys(dict(iter_safetensors([directory / ADAPTER_FILE]))).items(),
+    tensors: Iterator[tuple[str, torch.Tensor]] = itertools.chain(  # the adapter's tensors come last: they win
+        base_tensors, upgrade_adapter_keys(dict(iter_safetensors([directory / ADAPTER_FILE]))).items(),
     )
     assign_state_dict(model, tensors, dtype=parse_dtype(dtype), device=device, source=str(directory))
     return model.eval()

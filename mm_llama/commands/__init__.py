@@ -1,7 +1,7 @@
 """Subcommands of `mm-llama`; each entry adds its parser (which sets `run`) to the subparsers."""
 
 from mm_llama.commands import (
-    ask, bench, demo, evaluate, generate, image_commands, shards, speech_commands, synth, train, video_commands,
+    ask, bench, demo, evaluate, export, generate, image_commands, shards, speech_commands, synth, train, video_commands,
 )
 
 PARSERS = [
@@ -18,4 +18,5 @@ PARSERS = [
     evaluate.add_parser,
     demo.add_parser,
     bench.add_parser,
+    export.add_parser,
 ]
