@@ -11,7 +11,9 @@
   `model.encoder_checkpoint`, and `model.init_from` (an earlier adapter run: annealing and SFT start
   from pretraining; several runs load as one union) supplies the adapter weights. The stage is declared
   once with `set_trainable(model.train)` (the model's group names, `image.encoder` / `image.fusion`;
-  `lora` when `model.lora` puts LoRA on the LM's layers, saved with the adapter).
+  `lora` when `model.lora` puts LoRA on the LM's layers, saved with the adapter). A Llama 3.2 Vision
+  checkpoint (HF Mllama or Meta) as `model.base_lm` brings its own trunk and image modality, which then
+  trains as `model.train` says (`train.vision_base`).
 * `data.task: contrastive` — image-encoder pretraining (`mm_llama.train.contrastive`): a timm ViT
   against the frozen LM's caption features.
 
@@ -36,7 +38,7 @@ from mm_llama.adapters.lora import LoraConfig, apply_lora
 from mm_llama.checkpoints.files import iter_safetensors
 from mm_llama.checkpoints.loading import LM_RUN_MODEL_DIR as MODEL_DIR, lm_checkpoint_dir, load_llama
 from mm_llama.checkpoints.multimodal_loading import (
-    ADAPTER_FILE, adapter_state_dict, modalities_from_fields, upgrade_adapter_keys,
+    ADAPTER_FILE, adapter_state_dict, base_modalities, modalities_from_fields, upgrade_adapter_keys,
 )
 from mm_llama.checkpoints.state_dict import CheckpointError
 from mm_llama.config import LlamaConfig, RopeScaling, preset
@@ -47,6 +49,7 @@ from mm_llama.multimodal import DECODER_GROUP, MultimodalLlama
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.trainable import LORA_GROUP, split_lora_group, train_only
 from mm_llama.train.recipe import RecipeConfig, RecipeError
+from mm_llama.train.vision_base import assign_image_weights, load_vision_base_decoder, vision_base_dir, with_vision_base
 
 ENCODER_FILE = "encoder.safetensors"  # what an image_encoder_pretrain run exports
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -263,8 +266,9 @@ def load_adapter_weights(model: MultimodalLlama, runs: str | Path | list[str | P
     where = ", ".join(str(f) for f in files)
     expected = adapter_state_dict(model)
     covered = {_modality_of(k) for k in tensors}
+    in_base = base_modalities(model)  # a Llama 3.2 Vision base holds what its runs did not train
     unexpected = sorted(set(tensors) - set(expected))
-    missing = sorted(k for k in set(expected) - set(tensors) if _modality_of(k) in covered)
+    missing = sorted(k for k in set(expected) - set(tensors) if _modality_of(k) in covered - in_base)
     if unexpected or missing:
         raise RecipeError(f"model.init_from {where} does not match this model's adapter: missing {missing[:5]}"
                           f"{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}; the earlier stage must use the "
@@ -337,7 +341,13 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
     if model_cfg.text is not None:
         raise RecipeError("model.text describes a new LM for model.kind=llama; an image model uses the LM in "
                           "model.base_lm — remove model.text")
-    decoder = load_llama(lm_checkpoint_dir(model_cfg.base_lm))
+    vision_base = vision_base_dir(cfg)  # a Llama 3.2 Vision checkpoint brings the image modality
+    if vision_base is not None:
+        cfg = with_vision_base(cfg, warn=True)
+        model_cfg = cfg.model
+        decoder, _, image_tensors = load_vision_base_decoder(vision_base)
+    else:
+        decoder = load_llama(lm_checkpoint_dir(model_cfg.base_lm))
     if decoder.cfg.vocab_size < tokenizer.vocab_size:
         raise RecipeError(f"the base LM has {decoder.cfg.vocab_size} vocabulary rows but the tokenizer has "
                           f"{tokenizer.vocab_size} ids; use the base LM's tokenizer (data.tokenizer: null)")
@@ -353,6 +363,8 @@ def build_multimodal(cfg: RecipeConfig, tokenizer: Tokenizer) -> MultimodalLlama
         raise RecipeError("model.train lists decoder: the adapter stages keep the LM frozen, and a run's export "
                           "(adapter.safetensors) holds only adapter weights; remove decoder from model.train")
     init_fusion_gates(model, model_cfg.fusion_gate_init)
+    if vision_base is not None:
+        assign_image_weights(model, image_tensors, vision_base)
     if "image" in model.modality_names and _task_modality(cfg.data.task) in ("image", "video"):  # what the loader tiles
         check_data_geometry(cfg, model.image.encoder.tile_size, model.image.encoder.max_tiles)
     if model_cfg.encoder_checkpoint:

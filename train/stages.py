@@ -38,6 +38,7 @@ from mm_llama.train.build import (
     lm_checkpoint_dir, load_recipe_tokenizer, model_modalities, vision_fields,
 )
 from mm_llama.train.recipe import RecipeConfig, RecipeError
+from mm_llama.train.vision_base import vision_base_changes, vision_base_dir
 from mm_llama.train.sources import EpochSource, packed_text_source, task_loader_source
 
 
@@ -238,7 +239,10 @@ def resolve_recipe(cfg: RecipeConfig) -> RecipeConfig:
                 raise RecipeError(str(err)) from err
             changes["video"] = {"aggregator": dataclasses.asdict(aggregator), "fusion_layers": list(layers),
                                 "frame_chunk": frame_chunk}
-    if stage.name == "adapter" and model.base_lm and "image" in changes["modalities"]:
+    vision_base = vision_base_dir(cfg) if stage.name == "adapter" else None
+    if vision_base is not None:  # a Llama 3.2 Vision base decides the image settings (train.vision_base)
+        changes.update(vision_base_changes(cfg, vision_base))
+    elif stage.name == "adapter" and model.base_lm and "image" in changes["modalities"]:
         n_layers = llama_config_from_dir(lm_checkpoint_dir(model.base_lm)).n_layers
         changes["fusion_layers"] = list(model.fusion_layers) or fusion_schedule(n_layers, max(1, n_layers // 4))
         bad = [i for i in changes["fusion_layers"] if i >= n_layers]
