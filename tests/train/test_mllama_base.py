@@ -151,3 +151,23 @@ def test_a_later_stage_continues_from_the_run(setup, run: Path, tmp_path: Path) 
     earlier = load_file(run / "adapter.safetensors")
     assert set(earlier) <= set(adapter)
     assert load_multimodal(later).state_dict().keys() == load_multimodal(base).state_dict().keys()
+
+
+def test_a_meta_layout_base_builds_the_model_load_multimodal_gives(tmp_path: Path) -> None:
+    import dataclasses
+
+    from mm_llama.checkpoints.multimodal_loading import base_modalities, modalities_from_fields
+    from mm_llama.multimodal import MultimodalLlama
+    from mm_llama.train.vision_base import assign_image_weights, load_vision_base_decoder
+    from tests.reference.hf_mllama import tiny_hf_mllama, write_meta_mllama
+
+    meta = write_meta_mllama(tiny_hf_mllama(), tmp_path / "meta")
+    decoder, cfg, image = load_vision_base_decoder(meta)
+    fields = {"modalities": ["image"], "encoder": "mllama", "vision": dataclasses.asdict(cfg.vision),
+              "fusion_layers": list(cfg.fusion_layers)}
+    model = MultimodalLlama(decoder, modalities_from_fields(cfg.text, fields))
+    assign_image_weights(model, image, meta)
+    reference = load_multimodal(meta).state_dict()
+    state = model.state_dict()
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+    assert base_modalities(model) == {"image"}
