@@ -67,6 +67,7 @@ __all__ = [
     "expand_shards",
     "expected_samples",
     "inspect_tar",
+    "is_remote",
     "mix_seed",
     "node_info",
     "samples_per_worker",
@@ -88,8 +89,13 @@ _GLOB_CHARS = set("*?[")
 # shard lists
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
+    """Whether shard `url` is read through a command or the network (``pipe:``, ``http(s)://``, ``s3://``,
+    ...) rather than from a local file (a path or a ``file:`` URL)."""
     return url.startswith(_REMOTE_PREFIXES) or ("://" in url and not url.startswith("file:"))
+
+
+_is_remote = is_remote
 
 
 def _local_path(url: str) -> str | None:

@@ -2,8 +2,9 @@
 
 Evaluation must see the same samples in the same order on every run, so this reader has none of the
 training pipeline's machinery (no shard shuffle, no resampling, no node/worker split, no sample
-shuffle buffer). It reads local ``.tar`` / ``.tar.gz`` shards in the order given with webdataset's
-tar reader (as the training loader does) and groups consecutive members that share a key, as webdataset
+shuffle buffer). It reads ``.tar`` / ``.tar.gz`` shards in the order given — every spec the training
+loader takes (:func:`~mm_llama.data.shard_source.expand_shards`: files, directories, globs, brace patterns,
+``pipe:`` commands, remote URLs) — with webdataset's tar reader (as the training loader does) and groups consecutive members that share a key, as webdataset
 does: the key of ``dir/KEY.ext`` is ``dir/KEY`` (split at the first dot of the base name) and the
 extension is lower-cased (a repeated member is a skipped sample here, not an error for the whole shard).
 
@@ -42,8 +43,7 @@ from webdataset.tariterators import tar_file_expander, url_opener
 from mm_llama.data.decoders import DecodeError, decode_audio, decode_image, decode_video
 from mm_llama.data.sample_processors import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from mm_llama.data.json_limits import JSONLimitError, loads_limited
-from mm_llama.data.shard_source import expand_shards
-from mm_llama.data.tar_check import inspect_tar_file
+from mm_llama.data.shard_source import expand_shards, inspect_tar, is_remote
 from mm_llama.encoders.audio_features import SAMPLE_RATE
 
 __all__ = [
@@ -89,14 +89,12 @@ class SkippedSample:
 
 
 def expand_eval_shards(shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
-    """The local shard paths named by ``shards``, in the order given (what `expand_shards` accepts:
-    ``.tar`` files, directories, globs, brace patterns). Remote URLs are refused: evaluation reads local
-    files only, so that every run sees exactly the same samples."""
-    urls = expand_shards(shards)
-    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
-    if remote:
-        raise ValueError(f"evaluation reads local shards only; got remote {remote[0]!r}; download the shards first")
-    return urls
+    """The shard URLs named by ``shards``, in the order given: exactly what training's
+    :func:`~mm_llama.data.shard_source.expand_shards` gives (``.tar`` files, directories, globs, brace
+    patterns such as ``dir/shard-{000000..000009}.tar``, ``pipe:`` commands, ``http(s)://`` / ``s3://`` ...
+    URLs, or a list of these). Local shards are checked to exist; remote ones are read as given (their
+    contents must not change between runs for results to be comparable)."""
+    return expand_shards(shards)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,19 +119,26 @@ class _ShardDamaged(Exception):
         self.reason = reason
 
 
-def _members(path: str) -> Iterator[tuple[str, str, bytes]]:
-    """``(key, ext, data)`` of each file member of a shard, in order, read with webdataset's tar reader
-    (as the training loader reads shards); raises `_ShardDamaged` where reading stops: a read error, or
-    the damage `inspect_tar_file` finds that the streaming reader would pass over silently."""
+def _read_error(e: BaseException) -> str:
+    """``Type: message`` of a read error, without the stream object webdataset adds to its arguments."""
+    text = e.args[0] if len(e.args) > 1 and isinstance(e.args[0], str) else str(e)
+    return f"{type(e).__name__}: {text}"
+
+
+def _members(url: str) -> Iterator[tuple[str, str, bytes]]:
+    """``(key, ext, data)`` of each file member of a shard (a local path or any URL webdataset opens:
+    ``pipe:CMD``, ``http(s)://`` ...), in order, read with webdataset's tar reader (as the training loader
+    reads shards); raises `_ShardDamaged` where reading stops: a read error, or, for a local ``.tar``, the
+    damage `inspect_tar` finds that the streaming reader would pass over silently."""
     try:
-        for member in tar_file_expander(url_opener([{"url": path}]), eof_value=None):
+        for member in tar_file_expander(url_opener([{"url": url}]), eof_value=None):
             parts = split_member_name(member["fname"])
             if parts is not None:
                 yield parts[0], parts[1], member["data"]
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        raise _ShardDamaged(f"the shard is truncated or corrupt ({type(e).__name__}: {e}); the samples after "
+        raise _ShardDamaged(f"the shard is truncated or corrupt ({_read_error(e)}); the samples after "
                             "this point are lost") from None
-    damage = inspect_tar_file(path).problem
+    damage = inspect_tar(url).problem
     if damage is not None:
         raise _ShardDamaged(damage)
 
@@ -183,11 +188,14 @@ class EvalShardReader:
 
     def count_samples(self) -> int | None:
         """Number of sample keys in the shards; None when a shard is damaged (the iteration reports why).
-        For progress bars: a local ``.tar`` is counted from its headers (`inspect_tar_file`, cached for the
-        damage check of the real pass), other shards by reading their members without decoding them."""
+        For progress bars: a local ``.tar`` is counted from its headers (`inspect_tar`, cached for the
+        damage check of the real pass), other local shards by reading their members without decoding them;
+        None as soon as a shard is remote (``pipe:``, ``http(s)://`` ...: counting would read it twice)."""
+        if any(is_remote(url) for url in self.urls):
+            return None
         total = 0
         for url in self.urls:
-            check = inspect_tar_file(url)
+            check = inspect_tar(url)
             if check.problem is not None:
                 return None
             if url.endswith(".tar") and check.readable:

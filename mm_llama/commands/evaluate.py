@@ -42,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, type=Path,
                    help="run/export directory of ours, an HF Mllama or a Meta Llama 3.2 Vision directory")
     p.add_argument("--shards", required=True, nargs="+", metavar="SHARDS",
-                   help="eval shards: .tar files, directories of them, globs or brace patterns (read in order)")
+                   help="eval shards, any spec training takes: .tar files, directories of them, globs, brace "
+                        "patterns (dir/shard-{000000..000009}.tar), pipe: commands or http(s)/s3 URLs (read in order)")
     p.add_argument("--task", required=True, choices=EVAL_TASKS + VIDEO_EVAL_TASKS + SPEECH_EVAL_TASKS,
                    help="caption (image-caption shards), vqa (image-qa shards), video_caption (video-caption shards), "
                         "video_qa (video-qa shards), asr or ast (speech shards: WER after Whisper's English "

@@ -91,6 +91,41 @@ def test_caption_with_explicit_output_and_shard_list(model_dir: Path, synth_dir:
     assert data["settings"]["shards"] == shards
 
 
+def _predictions(path: Path) -> list[tuple[str, str, str]]:
+    return [(r["key"], r["question"], r["prediction"]) for r in json.loads(path.read_text())["records"]]
+
+
+def test_shards_take_training_specs_pipe_commands_and_brace_patterns(model_dir: Path, synth_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """`--shards` takes what training's expand_shards takes: `pipe:` commands and brace patterns give the
+    same samples, in the same order, as the plain paths."""
+    qa = synth_dir / "image-qa"
+    first_two = [str(qa / "test-000000.tar"), str(qa / "test-000001.tar")]
+    common = ["--model", str(model_dir), "--task", "vqa", "--max-new-tokens", "2", "--no-progress"]
+    outs = {name: tmp_path / f"{name}.json" for name in ("plain", "pipe", "brace")}
+    assert _run([*common, "--shards", *first_two, "--out", str(outs["plain"])]) == 0
+    assert _run([*common, "--shards", *(f"pipe:cat {p}" for p in first_two), "--out", str(outs["pipe"])]) == 0
+    assert _run([*common, "--shards", str(qa / "test-{000000..000001}.tar"), "--out", str(outs["brace"])]) == 0
+    plain = _predictions(outs["plain"])
+    assert len(plain) == 8  # 4 questions in each of the two shards
+    assert _predictions(outs["pipe"]) == plain and _predictions(outs["brace"]) == plain
+    settings = json.loads(outs["pipe"].read_text())["settings"]
+    assert settings["shards"] == [f"pipe:cat {p}" for p in first_two]
+    assert json.loads(outs["brace"].read_text())["settings"]["shards"] == first_two
+
+
+def test_a_failing_pipe_shard_is_a_damaged_shard(model_dir: Path, synth_dir: Path, tmp_path: Path) -> None:
+    good = str(synth_dir / "image-qa" / "test-000000.tar")
+    out = tmp_path / "pipe.json"
+    with pytest.warns(CorruptSampleWarning, match=r"shard pipe:cat .*missing\.tar: the shard is truncated"):
+        code = _run(["--model", str(model_dir), "--task", "vqa", "--max-new-tokens", "2", "--no-progress",
+                     "--shards", f"pipe:cat {tmp_path / 'missing.tar'}", good, "--out", str(out)])
+    assert code == 1
+    data = json.loads(out.read_text())
+    assert data["counts"]["damaged_shards"] == 1 and data["counts"]["samples"] == 4
+    assert "Pipe object" not in data["skipped"][0]["reason"]
+
+
 def test_corrupt_samples_are_counted_and_exit_status_is_1(model_dir: Path, synth_dir: Path, tmp_path: Path,
                                                           capsys) -> None:
     shard = sorted((synth_dir / "image-qa").glob("*.tar"))[0]

@@ -256,8 +256,11 @@ def test_expand_eval_shards(synth_dir: Path, tmp_path: Path) -> None:
         expand_eval_shards(tmp_path / "nope.tar")
     with pytest.raises(ValueError, match="holds no"):
         expand_eval_shards(tmp_path)
-    with pytest.raises(ValueError, match="local shards only"):
-        expand_eval_shards("https://example.com/a.tar")
+    # the specs training takes: remote URLs and pipe: commands pass through as given, `::` joins patterns
+    assert expand_eval_shards("https://example.com/a-{0..1}.tar") == ["https://example.com/a-0.tar",
+                                                                      "https://example.com/a-1.tar"]
+    assert expand_eval_shards([f"pipe:cat {listed[0]}", listed[1]]) == [f"pipe:cat {listed[0]}", listed[1]]
+    assert expand_eval_shards(f"{listed[0]}::{listed[1]}") == listed[:2]
 
 
 def test_reader_yields_every_sample_in_tar_order(synth_dir: Path) -> None:
