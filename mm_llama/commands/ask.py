@@ -9,10 +9,21 @@ from pathlib import Path
 
 from mm_llama.commands.arg_types import positive_int
 from mm_llama.commands.device import add_device_options, resolve_device
+from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.generation import GenerationConfig
 from mm_llama.image_chat import load_image_model
 from mm_llama.media_chat import answer_media
 from mm_llama.video_chat import DEFAULT_NUM_FRAMES, run_video_settings
+
+
+EPILOG = """\
+Exit status: 0 when answered; 2 on bad input (an unreadable file, a modality the model lacks, a bad flag),
+named in one line on stderr; 1 on an unexpected error.
+
+Examples (a spoken question about an image; an image and a clip with a typed question):
+  mm-llama ask --model runs/both --image photo.png --audio question.wav --json
+  mm-llama ask --model runs/video --image photo.png --video clip.mp4 --question "Is this the object that moves?"
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Answer one prompt: an image (--image), a video clip (--video), speech (--audio: a spoken "
                     "question or instruction) and typed text (--question), any of them together, in that order. "
                     "A model with several adapters comes from a run with model.init_from: [image_run, speech_run] "
-                    "(a video run holds the image adapter it reads frames with).")
+                    "(a video run holds the image adapter it reads frames with).",
+        epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="an mm-llama run/export directory")
     p.add_argument("--image", help="image file")
     p.add_argument("--video", help="video file (mp4, webm, mkv, ...); --num-frames sampled uniformly")

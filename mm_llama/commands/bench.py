@@ -37,10 +37,30 @@ from mm_llama.data.json_limits import loads_limited
 from mm_llama.data.loader_stats import STAGES, LoaderStats, TooManySkippedError
 from mm_llama.commands.bench_generate import add_generate_parser
 from mm_llama.commands.bench_train import add_train_parser
+from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.data.tasks import get_task, task_names
 
 TASKS = task_names("image_text", "video_text", "audio_text", mixtures=False)
 _TEXT_FIELDS = ("caption", "question", "answer", "text", "translation")
+
+
+EPILOG = """\
+Exit status: 0 when measured; 2 on bad input (shards, a flag), named in one line on stderr; 1 when
+transformers (the baseline of generate and train) is missing or on an unexpected error.
+
+Examples (mm-llama bench BENCHMARK --help says more):
+  mm-llama bench data data/image-qa --task vqa --workers 2
+  mm-llama bench generate --shape tiny --new 64 --repeats 5
+  mm-llama bench train --shape tiny --batch 4 --text-len 128 --steps 10
+"""
+
+DATA_EPILOG = """\
+Exit status: 0 when measured; 2 on bad input (no readable shard, shards of another task, a bad flag), named in
+one line on stderr; 1 on an unexpected error.
+
+Example (the image-qa shards of `mm-llama synth shapes data/`):
+  mm-llama bench data data/image-qa --task vqa --workers 2
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="throughput benchmarks against a baseline measured in the same run",
         description="Throughput benchmarks. Each prints its figures next to a baseline measured in the same run.",
+        epilog=EPILOG, formatter_class=HelpFormatter,
     )
     bench_sub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     add_data_parser(bench_sub)
@@ -63,6 +84,7 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
         description="Benchmark a data pipeline on webdataset shards: samples/s and MB/s per worker, the "
         "fraction of time spent reading, decoding, transforming, tokenizing and collating, and the ratio to "
         "plain tarfile reading of the same shards in the same run.",
+        epilog=DATA_EPILOG, formatter_class=HelpFormatter,
     )
     d.add_argument("shards", nargs="+", metavar="SHARDS",
                    help="shard files, directories, globs or brace patterns ('dir/shard-{000000..000009}.tar')")

@@ -7,6 +7,7 @@ import json
 import sys
 
 from mm_llama.benchmarks.generate import SHAPES, GenerateReport, bench_generate
+from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.devices import pick_device
 
 EPILOG = """\
@@ -28,7 +29,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         "(median of --repeats). Prints decode tok/s (prefill separated out), the weight bytes read per "
         "second, the fraction of the device's memory-bandwidth roofline, the ratio ours/baseline and "
         "whether both chose the same greedy tokens.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, formatter_class=HelpFormatter,
     )
     g.add_argument("--shape", choices=list(SHAPES), default="tiny",
                    help="8b = Llama 3.1 8B, 3b / 1b = Llama 3.2 3B / 1B, tiny = the test preset (default)")

@@ -8,6 +8,7 @@ import sys
 
 from mm_llama.benchmarks.train_step import TRAIN_SHAPES, TrainReport, bench_train
 from mm_llama.commands.bench_generate import add_run_options
+from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.devices import pick_device
 
 EPILOG = """\
@@ -28,7 +29,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "few steps on one batch of 4-tile images with random weights at a real shape, with ours and with "
         "transformers' MllamaForConditionalGeneration holding the same tensors; prints the median step time, "
         "tokens/s, MFU (formula printed), peak memory and the ratios.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, formatter_class=HelpFormatter,
     )
     t.add_argument("--shape", choices=list(TRAIN_SHAPES), default="tiny",
                    help="11b-vision = Llama 3.2 11B Vision, tiny = a test-sized Mllama (default)")

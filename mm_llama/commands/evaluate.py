@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mm_llama.commands.arg_types import positive_int
 from mm_llama.commands.device import add_device_options, resolve_device
+from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.train.evaluation import (
     DEFAULT_MAX_NEW_TOKENS, EVAL_TASKS, check_result_path, evaluate, format_metrics, write_result,
 )
@@ -25,6 +26,14 @@ def default_output(model: Path, task: str, blank: bool) -> Path:
     return model / f"eval-{task}{'-blank' if blank else ''}.json"
 
 
+EPILOG = """\
+Examples (the demo's image run on its held-out questions, then the blank-image control; a video run):
+  mm-llama eval --model runs/demo/vision --shards "runs/demo/data/image-qa/test-*.tar" --task vqa
+  mm-llama eval --model runs/demo/vision --shards "runs/demo/data/image-qa/test-*.tar" --task vqa --blank-images
+  mm-llama eval --model runs/video --task video_qa --shards "data/video-qa/test-*.tar" --num-frames 16
+"""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
@@ -38,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Records whose reference answer or caption is empty are skipped and counted as well, as training "
             "skips them. Exit status 0: every sample evaluated; 1: some skipped (results still written); 2: error."
         ),
+        epilog=EPILOG, formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, type=Path,
                    help="run/export directory of ours, an HF Mllama or a Meta Llama 3.2 Vision directory")

@@ -15,8 +15,20 @@ import argparse
 from pathlib import Path
 
 from mm_llama.checkpoints.loading import DTYPES, lm_checkpoint_dir, parse_dtype
+from mm_llama.commands.help_format import HelpFormatter
 
 FORMATS = ("hf", "hf-mllama")
+
+
+EPILOG = """\
+Exit status: 0 when written; 2 on bad input (a missing SOURCE, an OUT that holds files without --overwrite, a
+text LM given --format hf-mllama or an image model --format hf, a damaged checkpoint), named in one line on
+stderr; 1 on an unexpected error.
+
+Examples (an image run fine-tuned from Llama 3.2 Vision; the demo's text LM):
+  mm-llama export runs/sft served/ --format hf-mllama
+  mm-llama export runs/demo/lm served-lm/ --format hf
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "layout with everything a server needs: weights (the base with the trained weights merged), config.json, "
         "tokenizer files and chat template, generation_config.json, and for --format hf-mllama the image "
         "processor's preprocessor_config.json.",
+        epilog=EPILOG, formatter_class=HelpFormatter,
     )
     p.add_argument("source", type=Path, metavar="SOURCE",
                    help="a run directory (config.yaml + adapter.safetensors, or an lm_pretrain run), an HF "

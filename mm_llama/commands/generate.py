@@ -9,8 +9,19 @@ from pathlib import Path
 from mm_llama.checkpoints import load_llama
 from mm_llama.checkpoints.loading import lm_checkpoint_dir
 from mm_llama.commands.device import add_device_options, resolve_device
+from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.generation import GenerationConfig, generate
 from mm_llama.tokenizer import Tokenizer
+
+
+EPILOG = """\
+Exit status: 0 when every prompt was answered; 2 on bad input (a missing or damaged checkpoint, a bad flag),
+named in one line on stderr; 1 on an unexpected error.
+
+Examples (greedy answer in the chat format; then two prompts sampled in one batch, reproducibly):
+  mm-llama generate --model /path/to/Meta-Llama-3.1-8B-Instruct --prompt "Why is the sky blue?" --chat
+  mm-llama generate --model runs/demo/lm --prompt "Once upon" --prompt "A list:" --temperature 0.7 --top-p 0.9 --seed 1
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="generate text from a Llama 3 checkpoint",
         description="Generate text from an HF (config.json + safetensors) or Meta (params.json + "
         "consolidated.*.pth) Llama 3 checkpoint directory that also holds tokenizer.json or tokenizer.model.",
+        epilog=EPILOG, formatter_class=HelpFormatter,
     )
     p.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path,
                    help="a Llama 3 checkpoint directory (HF or Meta layout) or an lm_pretrain run directory "

@@ -6,9 +6,30 @@ import argparse
 from pathlib import Path
 
 from mm_llama.commands.device import add_device_options, resolve_device
+from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.commands.results import print_results
 from mm_llama.generation import GenerationConfig
 from mm_llama.image_chat import DEFAULT_CAPTION_PROMPT, ImageAnswer, answer_images, load_image_model
+
+
+EXIT_STATUS = """\
+Exit status: 0 when every image was answered; 1 when some could not be read (each named on stderr; the
+others are still answered) or on an unexpected error; 2 on bad input (the model directory, a flag), named in
+one line on stderr."""
+
+CAPTION_EPILOG = f"""\
+{EXIT_STATUS}
+
+Example (two images, one JSON line each; the model may also be a run of ours, e.g. runs/demo/vision):
+  mm-llama caption --model /path/to/Llama-3.2-11B-Vision-Instruct photo1.jpg photo2.png --json
+"""
+
+VQA_EPILOG = f"""\
+{EXIT_STATUS}
+
+Example:
+  mm-llama vqa --model runs/demo/vision --image shape.png --question "What colour is the circle?"
+"""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -25,7 +46,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_caption_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("caption", help="describe images", description="Generate a caption for each image.")
+    p = sub.add_parser("caption", help="describe images", description="Generate a caption for each image.",
+                       epilog=CAPTION_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (jpg, png, webp, ...)")
     p.add_argument("--prompt", default=DEFAULT_CAPTION_PROMPT, help=f"instruction (default: {DEFAULT_CAPTION_PROMPT!r})")
     p.add_argument("--batch-size", type=int, default=8)
@@ -35,7 +57,8 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_vqa_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("vqa", help="answer a question about an image",
-                       description="Answer a question about one image.")
+                       description="Answer a question about one image.", epilog=VQA_EPILOG,
+                       formatter_class=HelpFormatter)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--question", required=True)
     _add_common(p)

@@ -7,9 +7,16 @@ import sys
 from pathlib import Path
 
 from mm_llama.commands.arg_types import positive_float, positive_int
+from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.data.manifest import ManifestError, write_shards
 
 SHOW_SKIPPED = 10
+
+
+EPILOG = """\
+Example (manifest.jsonl lines such as {"image": "cat.jpg", "caption": "A cat on a mat."}):
+  mm-llama shards manifest.jsonl shards/ --samples-per-shard 1000
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "nothing could be done (unusable manifest or output folder; with --overwrite the earlier shards are "
             "kept). Layouts: data/LAYOUTS.md."
         ),
+        epilog=EPILOG, formatter_class=HelpFormatter,
     )
     p.add_argument("manifest", type=Path, metavar="MANIFEST.jsonl", help="JSONL manifest, one sample per line")
     p.add_argument("outdir", type=Path, metavar="OUTDIR",

@@ -6,11 +6,32 @@ import argparse
 from pathlib import Path
 
 from mm_llama.commands.device import add_device_options, resolve_device
+from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.commands.results import print_results
 from mm_llama.data.prompts import language_name
 from mm_llama.generation import GenerationConfig
 from mm_llama.image_chat import load_image_model
 from mm_llama.speech_chat import SpeechAnswer, answer_speech
+
+
+EXIT_STATUS = """\
+Exit status: 0 when every file was answered; 1 when some could not be read (each named on stderr; the others
+are still answered) or on an unexpected error; 2 on bad input (a model without a speech modality, a bad flag),
+named in one line on stderr."""
+
+TRANSCRIBE_EPILOG = f"""\
+{EXIT_STATUS}
+
+Example (a speech run of tiny_speech_sft; any sample rate, stereo is mixed down):
+  mm-llama transcribe --model runs/speech a.wav b.flac --language en --json
+"""
+
+TRANSLATE_EPILOG = f"""\
+{EXIT_STATUS}
+
+Example:
+  mm-llama translate --model runs/speech talk.wav --to fr
+"""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -27,7 +48,8 @@ def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("transcribe", help="speech to text (ASR)",
                        description="Transcribe audio files with a speech model (prompt: 'Repeat after me in "
                                    "{language}:'). Long files are cut into windows the model holds; their texts "
-                                   "are joined. Unreadable files are named on stderr; the exit status is 1 then.")
+                                   "are joined. Unreadable files are named on stderr; the exit status is 1 then.",
+                       epilog=TRANSCRIBE_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--language", default="en", help="the language spoken (a name or ISO code; default en)")
     _add_common(p)
     p.set_defaults(run=run_transcribe, task="asr")
@@ -36,7 +58,8 @@ def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
 def add_translate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("translate", help="speech to text in another language (AST)",
                        description="Translate speech into the --to language (prompt: 'Translate the following "
-                                   "sentence into {language}:'). Windows and errors as for transcribe.")
+                                   "sentence into {language}:'). Windows and errors as for transcribe.",
+                       epilog=TRANSLATE_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--to", required=True, dest="language", help="target language (a name or ISO code)")
     _add_common(p)
     p.set_defaults(run=run_transcribe, task="ast")

@@ -6,8 +6,22 @@ import argparse
 from pathlib import Path
 
 from mm_llama.commands.arg_types import positive_float, positive_int, probability
+from mm_llama.commands.help_format import HelpFormatter
 
 KIND_CHOICES = ("shapes", "glyphs", "moving-shapes", "speech", "text")
+
+
+EPILOG = """\
+Exit status: 0 when written; 2 on bad input (a split already written without --overwrite, a flag for another
+kind), named in one line on stderr; 1 on an unexpected error.
+
+Examples, one per kind:
+  mm-llama synth shapes data/ --n 2000 --seed 0 --split train --square
+  mm-llama synth glyphs probe/ --n 300 --split test
+  mm-llama synth moving-shapes data/ --n 200 --split test
+  mm-llama synth speech data/ --n 100 --noise-prob 0.5
+  mm-llama synth text data/ --n 5000 --chat
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "(glyphs: glyphs-SPLIT-NNNNNN.tar), so all splits and kinds can share one OUTDIR. The same --seed and "
             "--split always give byte-identical files; train, val and test never share content."
         ),
+        epilog=EPILOG, formatter_class=HelpFormatter,
     )
     p.add_argument("kind", metavar="KIND", choices=KIND_CHOICES, help="what to generate: " + ", ".join(KIND_CHOICES))
     p.add_argument("out_dir", metavar="OUTDIR", type=Path, help="output folder (created if missing)")

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from mm_llama.commands.help_format import HelpFormatter
+
 DEFAULT_RUNS = Path("runs")
 
 
@@ -37,6 +39,16 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
+EPILOG = """\
+Exit status: 0 when the run finished, or stopped on SIGTERM/SIGINT after writing a checkpoint (it says so);
+1 when it stopped on bad data or non-finite losses or weights; 2 on bad input (an unknown recipe or key, a bad
+value, an existing run without --resume, a recipe changed on --resume), named in one line on stderr.
+
+Example (the demo's adapter stage on its LM and data; quote an override that holds a glob or a space):
+  mm-llama train tiny_vision_pretrain model.base_lm=runs/demo/lm "data.shards=[runs/demo/data/image-chat/train-*.tar]" data.task=vqa --out runs/vision
+"""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `train` on the `mm-llama` subparsers."""
     p = sub.add_parser(
@@ -52,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "write a checkpoint and stop; continue with --resume. Under `torchrun --nproc_per_node N` each "
             "rank runs this same command (DDP; distributed.fsdp_frozen_lm=true shards a large frozen LM)."
         ),
+        epilog=EPILOG, formatter_class=HelpFormatter,
     )
     _configure(p)
 

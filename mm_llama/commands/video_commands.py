@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mm_llama.commands.arg_types import positive_int
 from mm_llama.commands.device import add_device_options, resolve_device
+from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.commands.results import print_results
 from mm_llama.image_chat import load_image_model
 from mm_llama.video_chat import (
@@ -25,12 +26,24 @@ class VideoAnswer:
     error: str | None = None
 
 
+EPILOG = """\
+Exit status: 0 when every clip was answered; 1 when some could not be read (each named on stderr; the others
+are still answered) or on an unexpected error; 2 on bad input (a model without a video modality, a bad flag),
+named in one line on stderr.
+
+Examples (a caption of each clip; then a question in the paper's short-answer wording):
+  mm-llama video-qa --model runs/video --video clip.mp4 --video more.mp4 --json
+  mm-llama video-qa --model runs/video --video clip.mp4 --question "Which way does the circle move?" --style short
+"""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "video-qa", help="caption video clips or answer a question about them",
         description="Answer --question about each --video clip, or caption each clip when no question is given. "
                     "Frames are sampled uniformly over the clip as training samples them. Unreadable files are "
-                    "named on stderr and skipped; the exit status is 1 then.")
+                    "named on stderr and skipped; the exit status is 1 then.",
+        epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="an mm-llama run/export directory with a video modality")
     p.add_argument("--video", required=True, action="append", metavar="CLIP",
                    help="video file (mp4, webm, mkv, ...); repeat for more clips")
