@@ -12,6 +12,9 @@ from typing import Any, Literal, Sequence
 DECODER_GROUP = "decoder"  # the LM's trainable group; the others come from the model (train.optim)
 LORA_GROUP = "lora"  # LoRA factors in the LM's layers (mm_llama.trainable; kept here so recipes import no torch)
 PARAM_KINDS = ("weight", "bias", "norm", "gate", "embedding")  # see train.optim.param_kind
+METRIC_TASKS = {"caption": "cider", "vqa": "vqa_accuracy", "video_caption": "cider", "video_qa": "vqa_accuracy",
+                "asr": "wer", "ast": "bleu"}
+"""Tasks `mm-llama eval` (and `train.eval_metric_samples`) scores by generating, with their headline metric."""
 
 
 class RecipeError(ValueError):
@@ -252,8 +255,12 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     """The loop: `steps` optimizer steps; `precision` `auto` = bf16 autocast on CUDA, fp32 on CPU;
-    `eval_every` steps between evaluations (0 = never); `max_nonfinite_in_a_row` skipped steps with a
-    non-finite loss or gradient before the run stops; `device` `auto` | `cpu` | `cuda`."""
+    `eval_every` steps between evaluations (0 = never) of the loss on `data.eval_shards` (at most
+    `eval_batches` batches); `eval_metric_samples` N > 0 also scores the first N usable samples of
+    `data.eval_shards` with the task's metric at each evaluation, by generating as `mm-llama eval` does (CIDEr
+    for captions, VQA accuracy, WER for asr, BLEU for ast; logged as `eval/cider` ...; 0 = off);
+    `max_nonfinite_in_a_row` skipped steps with a non-finite loss or gradient before the run stops; `device`
+    `auto` | `cpu` | `cuda`."""
 
     steps: int = 1000
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -262,12 +269,13 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0
     eval_batches: int | None = None
+    eval_metric_samples: int = 0
     max_nonfinite_in_a_row: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def problems(self) -> list[str]:
         return (_positive("train", self, ("steps", "max_nonfinite_in_a_row", "eval_batches"))
-                + _non_negative("train", self, ("eval_every",)))
+                + _non_negative("train", self, ("eval_every", "eval_metric_samples")))
 
 
 @dataclass
@@ -341,10 +349,32 @@ class RecipeConfig:
         if self.model.lora is not None and self.data.task == "contrastive":
             out.append("model.lora puts LoRA on the LM, but data.task=contrastive trains the image encoder against "
                        "the frozen LM's caption features and saves only the encoder; remove model.lora")
+        out += _metric_eval_problems(self)
         if self.schedule.warmup_steps > self.total_steps:
             out.append(f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds the schedule's "
                        f"{self.total_steps} steps; shorten the warm-up or raise schedule.total_steps / train.steps")
         return out  # group names in optim.lr / lr_multipliers / weight_decay_groups: checked against the model
+
+
+def _metric_eval_problems(cfg: RecipeConfig) -> list[str]:
+    """What keeps `train.eval_metric_samples` from working: no evaluation steps, no eval shards, a task
+    without a generation metric."""
+    n = cfg.train.eval_metric_samples
+    if n <= 0:
+        return []
+    out = []
+    if cfg.train.eval_every <= 0:
+        out.append(f"train.eval_metric_samples={n} scores the model at each evaluation, but train.eval_every is "
+                   f"{cfg.train.eval_every} (never); set train.eval_every to the steps between evaluations")
+    if not cfg.data.eval_shards:
+        out.append(f"train.eval_metric_samples={n} scores samples of data.eval_shards, which is empty; name "
+                   "held-out shards of the training layout there")
+    if cfg.data.task not in METRIC_TASKS:
+        out.append(f"train.eval_metric_samples needs a task scored by generation ({', '.join(METRIC_TASKS)}), "
+                   f"but data.task is {cfg.data.task!r}; set train.eval_metric_samples=0 (the eval loss is still "
+                   "logged)" + (" or evaluate caption and vqa shards apart with mm-llama eval"
+                                if cfg.data.task == "caption_vqa" else ""))
+    return out
 
 
 FLOAT32_MAX = 3.4028234663852886e38

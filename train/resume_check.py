@@ -22,7 +22,8 @@ import yaml
 from mm_llama.train.recipe import CONFIG_FILE, RecipeError, recipe_from_dict, recipe_to_dict
 
 SAFE_TO_CHANGE = (
-    "name", "description", "train.steps", "train.eval_every", "train.eval_batches", "train.max_nonfinite_in_a_row",
+    "name", "description", "train.steps", "train.eval_every", "train.eval_batches", "train.eval_metric_samples",
+    "train.max_nonfinite_in_a_row",
     "train.device", "train.compile", "train.activation_checkpointing", "data.eval_shards", "data.prefetch_factor",
     "checkpoint", "logging", "distributed.find_unused_parameters",
 )

@@ -29,7 +29,9 @@ What a run does, in order:
    gradient skips the step (too many in a row stop the run), the scheduler steps every step.
    `metrics.jsonl` + TensorBoard every `logging.every` steps (loss, lr per group, grad norm,
    tokens/s, samples/s, skipped samples, non-finite steps), a progress bar with loss, throughput and
-   ETA, evaluation (mean loss on `data.eval_shards`) every `train.eval_every` steps, checkpoints every
+   ETA, evaluation (mean loss on `data.eval_shards`, and with `train.eval_metric_samples` N the task metric —
+   CIDEr, VQA accuracy, WER, BLEU — of `mm-llama eval` on its first N samples, which leaves the training
+   RNG and modes untouched: `train.task_evaluation`) every `train.eval_every` steps, checkpoints every
    `checkpoint.every` steps keeping `checkpoint.keep_last`. SIGTERM / SIGINT: checkpoint and return
    (a signal that arrives while the data loader is busy is acted on once it returns a batch; an error
    it raises ends the run). Weights holding NaN / inf are never checkpointed or exported (an error
@@ -71,6 +73,7 @@ from mm_llama.train.run_dir import prepare_run_dir
 from mm_llama.train.signals import StopOnSignal
 from mm_llama.train.sources import EpochSource
 from mm_llama.train.stages import STAGES, Built, build, resolve_recipe, stage_for
+from mm_llama.train.task_evaluation import MetricEvaluation
 from mm_llama.train.tasks import Task, task_for
 
 StepCallback = Callable[[int, dict[str, Any]], None]
@@ -299,6 +302,10 @@ class Trainer:
         if cfg.train.eval_every and cfg.data.eval_shards:
             self.eval_source = make_source(cfg, self.built, list(cfg.data.eval_shards), rank=0, world_size=1,
                                            evaluation=True)
+        self.metric_eval: MetricEvaluation | None = None
+        if self.eval_source is not None and cfg.train.eval_metric_samples > 0:
+            assert self.built.tokenizer is not None  # every METRIC_TASKS task is prompted
+            self.metric_eval = MetricEvaluation(cfg, self.built.tokenizer, self.run_dir, write=self.ctx.is_main)
         self.step = 0
         position = {"epoch": 0, "batches_in_epoch": 0}
         rng = None
@@ -382,7 +389,29 @@ class Trainer:
             model.train()
         out = {"loss": loss_sum / units if units else math.nan, "batches": float(n)}
         out.update({k: v / max(n, 1) for k, v in extra.items()})
+        if self.metric_eval is not None:
+            out.update(self._task_metrics())
         return out
+
+    def _task_metrics(self) -> dict[str, float]:
+        """`train.eval_metric_samples`: the task metric of the model now (every rank evaluates the same samples,
+        as for the loss, so that a sharded LM runs its collectives on all of them). Data that gives no usable
+        sample is reported in a line, not raised: it should not end a long run."""
+        assert self.metric_eval is not None
+        try:
+            return self.metric_eval(self.model, self.step)
+        except ValueError as err:
+            self._print(f"warning: step {self.step}: no {self.metric_eval.task} metric on data.eval_shards "
+                        f"({err}); check the shards' layout against data.task")
+            return {}
+
+    def _eval_line(self, metrics: dict[str, float]) -> str:
+        """`step N: eval loss L` and, when computed, the task's headline metric."""
+        line = f"step {self.step}: eval loss {metrics['loss']:.4f}"
+        if self.metric_eval is not None and self.metric_eval.headline in metrics:
+            name = self.metric_eval.headline
+            line += f", {name} {metrics[name]:.4f} ({int(metrics['metric_samples'])} samples)"
+        return line
 
     # ---------------------------------------------------------------- checkpoints and export
     def _nan_advice(self) -> str:
@@ -478,7 +507,7 @@ class Trainer:
                     if self.eval_source is not None and (self.step % cfg.train.eval_every == 0 or self.step == total):
                         last_eval = self.evaluate()
                         logger.log(self.step, {"eval": last_eval})
-                        bar.write(f"step {self.step}: eval loss {last_eval['loss']:.4f}")
+                        bar.write(self._eval_line(last_eval))
                     if self.step % cfg.checkpoint.every == 0:
                         self.save()
                         saved_at = self.step

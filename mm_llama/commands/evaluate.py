@@ -104,31 +104,16 @@ def _control(args: argparse.Namespace) -> bool:
 
 
 def _evaluate(args: argparse.Namespace, model, tokenizer):
-    """Run the evaluation of the task's kind."""
-    common = {"batch_size": args.batch_size, "max_samples": args.max_samples, "progress": not args.no_progress}
-    if args.task in SPEECH_EVAL_TASKS:
-        from mm_llama.data.prompts import language_name
-        from mm_llama.train.speech_evaluation import evaluate_speech
+    """Run the evaluation of the task's kind (`evaluate_task`, which periodic evaluation in training runs too)."""
+    from mm_llama.train.task_evaluation import evaluate_task
 
-        language = language_name(args.language) if args.language else None
-        return evaluate_speech(
-            model, tokenizer, args.shards, args.task, blank_audio=args.blank_audio,
-            max_new_tokens=args.max_new_tokens or 128, default_language=language if args.task == "asr" else None,
-            target_language=language if args.task == "ast" else None, **common,
-        )
-    if args.task in VIDEO_EVAL_TASKS:
-        from mm_llama.train.video_evaluation import evaluate_video
-        from mm_llama.video_chat import run_video_settings
-
-        frames, style = run_video_settings(args.model)  # as the run trained, unless the command says otherwise
-        return evaluate_video(
-            model, tokenizer, args.shards, args.task, blank_video=args.blank_video,
-            num_frames=args.num_frames or frames or DEFAULT_NUM_FRAMES,
-            question_style=args.question_style or (style if args.task == "video_qa" else None) or "plain",
-            max_new_tokens=args.max_new_tokens, prompt=args.prompt, **common,
-        )
-    return evaluate(model, tokenizer, args.shards, args.task, blank_images=args.blank_images,
-                    max_new_tokens=args.max_new_tokens, prompt=args.prompt, **common)
+    blank = args.blank_images or args.blank_video or args.blank_audio
+    return evaluate_task(
+        model, tokenizer, args.shards, args.task, model_dir=args.model, batch_size=args.batch_size,
+        max_samples=args.max_samples, blank=blank, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
+        language=args.language, question_style=args.question_style, num_frames=args.num_frames,
+        progress=not args.no_progress,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
