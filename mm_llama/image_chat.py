@@ -107,6 +107,7 @@ def answer_images(
 
 def load_image_model(path: str | Path, *, dtype, device) -> tuple[MultimodalLlama, Tokenizer]:
     """The model and its tokenizer (from the model directory, or the base LM an adapter run names)."""
+    from mm_llama.checkpoints.chat_template import check_chat_template
     from mm_llama.checkpoints.multimodal_loading import RUN_CONFIG, adapter_run_base_lm, load_multimodal
 
     directory = Path(path)
@@ -116,6 +117,7 @@ def load_image_model(path: str | Path, *, dtype, device) -> tuple[MultimodalLlam
         candidates = [directory, adapter_run_base_lm(directory)]
     for candidate in candidates:
         if (candidate / "tokenizer.model").is_file() or (candidate / "tokenizer.json").is_file():
+            check_chat_template(candidate)  # warns when its own template is not the Llama 3 format we prompt in
             return model, Tokenizer.from_dir(candidate)
     raise FileNotFoundError(
         f"no tokenizer.model or tokenizer.json in {', '.join(str(c) for c in candidates)}; copy the tokenizer "

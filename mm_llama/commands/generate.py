@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
             f"tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model's vocabulary "
             f"has {model.cfg.vocab_size}; they do not belong together"
         )
+    if args.chat:
+        from mm_llama.checkpoints.chat_template import check_chat_template
+
+        check_chat_template(directory)  # warns when the checkpoint's own template is not the Llama 3 format
     prompts = [encode_prompt(tokenizer, p, chat=args.chat, system=args.system) for p in args.prompt]
     gen = GenerationConfig.for_tokenizer(
         tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
