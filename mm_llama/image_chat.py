@@ -34,7 +34,12 @@ def image_prompt(tokenizer: Tokenizer, text: str, image_token_id: int, *, chat: 
 
 
 def image_transform(model: MultimodalLlama) -> ImageTransform:
-    """The tiling the model's image encoder expects."""
+    """The tiling and normalisation the model's image encoder expects: the checkpoint's own
+    ``preprocessor_config.json`` when `load_multimodal` found one (``model.image.processing``), else the
+    vision config's tile size and tile count with the built-in CLIP mean / std."""
+    processing = getattr(model.image, "processing", None)
+    if processing is not None:
+        return processing.transform()
     vision = model.image.vision_cfg
     return ImageTransform(tile_size=vision.tile_size, max_tiles=vision.max_tiles)
 

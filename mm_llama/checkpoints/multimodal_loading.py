@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from mm_llama.adapters.lora import LORA_GROUP, LoraConfig, apply_lora, lora_config_of
 from mm_llama.atomic_file import atomic_write
 from mm_llama.checkpoints.files import iter_safetensors
+from mm_llama.checkpoints.image_processor import read_image_processing
 from mm_llama.checkpoints.loading import llama_config_from_dir, llama_tensors, lm_checkpoint_dir, parse_dtype
 from mm_llama.checkpoints.mllama import IMAGE_ROW_KEY
 from mm_llama.checkpoints.state_dict import CheckpointError, assign_state_dict
@@ -61,6 +62,8 @@ def load_multimodal(
         cfg = dataclasses.replace(cfg, text=cfg.text.replace(max_seq_len=max_seq_len))
     model = _build(cfg)
     assign_state_dict(model, tensors, dtype=parse_dtype(dtype), device=device, source=str(directory))
+    vision = model.image.vision_cfg  # the directory's own preprocessor_config.json, when it has one
+    model.image.processing = read_image_processing(directory, tile_size=vision.tile_size, max_tiles=vision.max_tiles)
     return model.eval()
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from mm_llama.atomic_file import atomic_write
 from mm_llama.checkpoints.state_dict import CheckpointError
@@ -117,15 +117,18 @@ def tokenizer_generation_ids(tok: Tokenizer) -> dict[str, Any]:
     return {"bos_id": tok.bos_id, "stop_ids": sorted(tok.stop_ids), "pad_id": tok.pad_id}
 
 
-def write_preprocessor_config(out: Path, *, tile_size: int, max_tiles: int) -> None:
-    """`preprocessor_config.json` for `MllamaImageProcessor`, with mm-llama's image transform: CLIP mean /
-    std, bilinear resizing, tiles of `tile_size`, at most `max_tiles`."""
+def write_preprocessor_config(out: Path, *, tile_size: int, max_tiles: int, mean: Sequence[float] | None = None,
+                              std: Sequence[float] | None = None) -> None:
+    """`preprocessor_config.json` for `MllamaImageProcessor`, with mm-llama's image transform: `mean` / `std`
+    (default CLIP's; a source checkpoint's own ones are passed on), bilinear resizing, tiles of `tile_size`,
+    at most `max_tiles`."""
     from mm_llama.data.image_transform import CLIP_MEAN, CLIP_STD
 
     config = {
         "image_processor_type": "MllamaImageProcessor", "processor_class": "MllamaProcessor",
         "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
-        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "max_image_tiles": max_tiles,
+        "image_mean": list(CLIP_MEAN if mean is None else mean), "image_std": list(CLIP_STD if std is None else std),
+        "max_image_tiles": max_tiles,
         "resample": 2,  # PIL.Image.BILINEAR
         "rescale_factor": 1 / 255, "size": {"height": tile_size, "width": tile_size},
     }

@@ -113,7 +113,9 @@ def export_hf_mllama(source: Path, out: Path, *, dtype: str, taps: str, max_shar
     save_hf_mllama(model, out, taps=taps, pad_id=tok.pad_id, max_shard_bytes=max_shard_bytes, source=str(source))
     write_generation_config(out, **tokenizer_generation_ids(tok))
     vision = model.image.vision_cfg
-    write_preprocessor_config(out, tile_size=vision.tile_size, max_tiles=vision.max_tiles)
+    processing = getattr(model.image, "processing", None)  # the source's own preprocessor_config.json, if any
+    norm = {"mean": processing.mean, "std": processing.std} if processing is not None else {}
+    write_preprocessor_config(out, tile_size=vision.tile_size, max_tiles=vision.max_tiles, **norm)
     return out
 
 
