@@ -214,9 +214,10 @@ def _messages(items: Any, name: str) -> list[_Message]:
         if not isinstance(item, Mapping):
             raise RecordError("bad_field", f"{where} must be a {{{role_key!r}, {text_key!r}}} object, got {item!r:.80}")
         role = item.get(role_key)
-        if not isinstance(role, str) or role not in _ROLES:
-            raise RecordError("bad_field", f"{where}[{role_key!r}] is {role!r:.40}; expected one of {sorted(_ROLES)}")
-        messages.append(_Message(i, _ROLES[role], _content(item.get(text_key), f"{where}[{text_key!r}]",
+        if not isinstance(role, str) or role.strip().lower() not in _ROLES:  # ShareGPT dumps write "Human" / "GPT" too
+            raise RecordError("bad_field", f"{where}[{role_key!r}] is {role!r:.40}; expected one of {sorted(_ROLES)} "
+                                           "(any case)")
+        messages.append(_Message(i, _ROLES[role.strip().lower()], _content(item.get(text_key), f"{where}[{text_key!r}]",
                                                            parts=name == "messages")))
     return messages
 

@@ -118,12 +118,14 @@ def test_without_a_marker_the_image_opens_the_first_user_turn_as_for_turns_recor
                          {"role": "user", "content": [{"type": "text", "text": "Where is it?"}]},
                          {"role": "assistant", "content": "On the left."}]}
     marker_first = {"conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, *llava["conversations"][1:]]}
+    capitalised = {"conversations": [{**m, "from": {"human": "Human", "gpt": " GPT"}[m["from"]]}
+                                     for m in llava["conversations"]]}  # as some ShareGPT dumps write them
     image_url_first = {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}, {"type": "text", "text": "What is it?"}]},
         *chat["messages"][1:]]}
     want = example(tok, media, turns)
     assert want.input_ids[:len(header(tok, "user")) + 2] == [tok.bos_id] + header(tok, "user") + [media.image]
-    for meta in (llava, chat, marker_first, image_url_first):
+    for meta in (llava, chat, marker_first, image_url_first, capitalised):
         ex = example(tok, media, meta)
         assert (ex.input_ids, ex.labels) == (want.input_ids, want.labels), meta
 
