@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "A model with several adapters comes from a run with model.init_from: [image_run, speech_run] "
                     "(a video run holds the image adapter it reads frames with).",
         epilog=EPILOG, formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, type=Path, help="an mm-llama run/export directory")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path, help="an mm-llama run/export directory")
     p.add_argument("--image", help="image file")
     p.add_argument("--video", help="video file (mp4, webm, mkv, ...); --num-frames sampled uniformly")
     p.add_argument("--audio", help="audio file soundfile reads (any rate; stereo is mixed down)")

@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
         epilog=EPILOG, formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True, type=Path,
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path,
                    help="run/export directory of ours, an HF Mllama or a Meta Llama 3.2 Vision directory")
     p.add_argument("--shards", required=True, nargs="+", metavar="SHARDS",
                    help="eval shards, any spec training takes: .tar files, directories of them, globs, brace "

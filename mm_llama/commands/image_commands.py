@@ -33,7 +33,7 @@ Example:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path,
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path,
                    help="HF Mllama or Meta Llama 3.2 Vision directory, or an mm-llama run/export directory")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

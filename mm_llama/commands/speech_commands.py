@@ -36,7 +36,7 @@ Example:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files soundfile reads (wav, flac, ogg, mp3, ...)")
-    p.add_argument("--model", required=True, type=Path, help="an mm-llama run/export directory with a speech modality")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path, help="an mm-llama run/export directory with a speech modality")
     p.add_argument("--max-new-tokens", type=int, default=128, help="per window of audio (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--batch-size", type=int, default=8, help="windows decoded together (default 8)")

@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "Frames are sampled uniformly over the clip as training samples them. Unreadable files are "
                     "named on stderr and skipped; the exit status is 1 then.",
         epilog=EPILOG, formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, type=Path, help="an mm-llama run/export directory with a video modality")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path, help="an mm-llama run/export directory with a video modality")
     p.add_argument("--video", required=True, action="append", metavar="CLIP",
                    help="video file (mp4, webm, mkv, ...); repeat for more clips")
     p.add_argument("--question", default=None, help="the question (default: none, caption each clip)")

@@ -117,3 +117,17 @@ def test_an_os_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mm-llama generate: error:")
+
+
+def test_every_command_that_loads_a_model_takes_model_and_its_checkpoint_alias() -> None:
+    """One vocabulary across commands (issue 17): `--model PATH`, with `--checkpoint` as its alias."""
+    import argparse
+
+    from mm_llama.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    taking = {name: [a.option_strings for a in sub._actions if a.dest == "model"]
+              for name, sub in subparsers.choices.items()}
+    taking = {name: strings for name, strings in taking.items() if strings}
+    assert {"generate", "caption", "vqa", "eval", "ask", "transcribe", "translate", "video-qa"} <= set(taking)
+    assert all(strings == [["--model", "--checkpoint"]] for strings in taking.values()), taking
