@@ -55,7 +55,8 @@ def attend(
             f"Tk={k.shape[-2]}, mask={'set' if mask is not None else 'None'}); pass an explicit mask"
         )
     gqa = q.shape[1] != k.shape[1]
-    if q.device.type != "cuda":
+    # Under torch.compile (the static decode step) inductor picks the kernel; no backend context to trace.
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )

@@ -16,11 +16,16 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 
 from mm_llama.kv_cache import KVCache
+from mm_llama.model import LlamaDecoder
+from mm_llama.static_decode import cache_length, compiled_step, decode_step, pin_for_cuda_graphs, prepare, text_decoder
 
 StopReason = Literal["stop_token", "max_new_tokens", "max_seq_len"]
 
 ExtrasFn = Callable[[int], "dict[str, Any] | None"]
 """`extras_fn(step)` → the `extras` for the model call of `step` (0 = prefill, k = k-th decode step)."""
+
+STOP_CHECK_EVERY = 8
+"""Static decoding reads the done flags on the host once every this many tokens (not every token)."""
 
 StepFn = Callable[[int, torch.Tensor, torch.Tensor], None]
 """`on_step(step, logits [B, V], tokens [B])`: the last-position logits of `step` and the tokens drawn."""
@@ -57,6 +62,11 @@ class GenerationConfig:
     Generation of a row ends at the first id in `stop_ids` (not included in the output), after
     `max_new_tokens` tokens, or when prompt plus output reach the model's `max_seq_len`. `pad_id` fills
     the left padding of shorter prompts and the inputs of rows that already finished.
+
+    `static_cache` decodes with the static-shape step of `mm_llama.static_decode` (stop checks every
+    `STOP_CHECK_EVERY` tokens, same tokens as the eager path); `compile` runs that step through
+    `torch.compile` (CUDA graphs on GPU) and implies the static cache. None: compile on CUDA only (the first
+    CPU compile takes long), static cache exactly when compiling.
     """
 
     max_new_tokens: int = 64
@@ -65,6 +75,8 @@ class GenerationConfig:
     seed: int | None = None
     stop_ids: frozenset[int] | set[int] = frozenset()
     pad_id: int = 0
+    compile: bool | None = None
+    static_cache: bool | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -80,6 +92,11 @@ class GenerationConfig:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not _is_int(self.pad_id) or self.pad_id < 0:
             raise ValueError(f"pad_id must be a non-negative token id, got {self.pad_id!r}")
+        for name in ("compile", "static_cache"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")
+        if self.compile and self.static_cache is False:
+            raise ValueError("compile=True needs the static cache; leave static_cache at None or True")
         try:
             self.stop_ids = frozenset(operator.index(t) for t in self.stop_ids)
         except TypeError:
@@ -233,15 +250,15 @@ def generate(
     # the padding it carries; the cache holds the padded prompt plus the inputs of every decode step.
     budgets = [min(gen.max_new_tokens, max_seq_len - n) for n in lengths]
     steps = max(budgets)
-    cache = model.new_cache(batch, longest + steps - 1)
+    decoder = text_decoder(model)  # type: ignore[arg-type]
+    use_compile, static = _decode_mode(gen, decoder, extras_fn)
+    cache = model.new_cache(batch, cache_length(longest + steps - 1, use_compile))
     device = cache.valid.device
     generator = make_generator(gen, device)
 
     tokens, attention_mask = _left_pad(prompts, gen.pad_id, device)
     results = [GenerationResult() for _ in prompts]
     finished = [False] * batch
-    pad = torch.tensor(gen.pad_id, dtype=torch.long, device=device)
-    feed = tokens[:, -1]  # [B], the inputs of the next decode step
 
     def extras(step: int) -> dict[str, Any] | None:
         return extras_fn(step) if extras_fn is not None else None
@@ -250,6 +267,16 @@ def generate(
         tokens, attention_mask=attention_mask, cache=cache, extras=extras(0), last_only=True,
         **(prefill_inputs or {}),
     )[:, -1]  # [B, V]
+    if static:
+        assert decoder is not None  # _decode_mode allows the static path only with one
+        drawn = _decode_static(model, decoder, cache, logits, budgets, gen, generator, on_step, use_compile)
+        for step_tokens in drawn:
+            _record(step_tokens, results, finished, budgets, gen)
+            if all(finished):
+                break
+        return results
+
+    pad = torch.tensor(gen.pad_id, dtype=torch.long, device=device)
     for step in range(steps):
         if step > 0:
             # Finished rows are fed pad as a real token: harmless (their output is frozen) and it keeps
@@ -258,21 +285,101 @@ def generate(
         next_tokens = sample_next(logits, gen, generator)  # [B]
         if on_step is not None:
             on_step(step, logits, next_tokens)
-        for row, tok in enumerate(next_tokens.tolist()):
-            if finished[row]:
-                continue
-            result = results[row]
-            if tok in gen.stop_ids:
-                result.stop_reason, result.stop_token = "stop_token", tok
-                finished[row] = True
-                continue
-            result.tokens.append(tok)
-            if len(result.tokens) >= gen.max_new_tokens:
-                result.stop_reason, finished[row] = "max_new_tokens", True
-            elif len(result.tokens) >= budgets[row]:
-                result.stop_reason, finished[row] = "max_seq_len", True
+        _record(next_tokens.tolist(), results, finished, budgets, gen)
         if all(finished):
             break
         done = torch.tensor(finished, device=device)
         feed = torch.where(done, pad, next_tokens)  # [B]
     return results
+
+
+def _record(
+    step_tokens: list[int], results: list[GenerationResult], finished: list[bool], budgets: list[int],
+    gen: GenerationConfig,
+) -> None:
+    """Append one step's token of every unfinished row to its result, finishing rows that stop or reach
+    their budget (`results` and `finished` are updated in place)."""
+    for row, tok in enumerate(step_tokens):
+        if finished[row]:
+            continue
+        result = results[row]
+        if tok in gen.stop_ids:
+            result.stop_reason, result.stop_token = "stop_token", tok
+            finished[row] = True
+            continue
+        result.tokens.append(tok)
+        if len(result.tokens) >= gen.max_new_tokens:
+            result.stop_reason, finished[row] = "max_new_tokens", True
+        elif len(result.tokens) >= budgets[row]:
+            result.stop_reason, finished[row] = "max_seq_len", True
+
+
+def _decode_mode(
+    gen: GenerationConfig, decoder: LlamaDecoder | None, extras_fn: ExtrasFn | None
+) -> tuple[bool, bool]:
+    """`(compile, static)` for this call: `gen`'s choices, automatic ones resolved (compile on CUDA).
+
+    The static step needs a `LlamaDecoder` inside the model, constant extras (no `extras_fn`) and a pad id
+    inside the LM vocabulary (decode inputs skip the media embedding); without them an automatic choice
+    falls back to the eager path and an explicit one is an error naming the reason.
+    """
+    reason = None
+    if decoder is None:
+        reason = "the model has no LlamaDecoder to decode with"
+    elif extras_fn is not None:
+        reason = "extras_fn gives every step its own extras"
+    elif gen.pad_id >= decoder.cfg.vocab_size:
+        reason = f"pad_id {gen.pad_id} is a media id, past the LM vocabulary of {decoder.cfg.vocab_size}"
+    explicit = bool(gen.compile) or bool(gen.static_cache)
+    if reason is not None:
+        if explicit:
+            raise ValueError(f"static-cache / compiled decoding is not possible here: {reason}; "
+                             "pass compile=False and static_cache=False (--no-compile) to decode eagerly")
+        return False, False
+    assert decoder is not None
+    use_compile = gen.compile if gen.compile is not None else decoder.output.weight.device.type == "cuda"
+    static = gen.static_cache if gen.static_cache is not None else use_compile
+    return use_compile, static or use_compile
+
+
+def _decode_static(
+    model: CausalLM, decoder: LlamaDecoder, cache: KVCache, logits: torch.Tensor, budgets: list[int],
+    gen: GenerationConfig, generator: torch.Generator | None, on_step: StepFn | None, use_compile: bool,
+) -> list[list[int]]:
+    """Decode after prefill with the static-shape step; returns every step's tokens `[steps][B]`.
+
+    `logits [B, V]` are the prefill's last-position logits. Which rows are done (stop id, budget) is
+    tracked on the device and read on the host only every `STOP_CHECK_EVERY` steps (every step with an
+    `on_step` observer, so it sees exactly the eager path's steps); done rows are fed `pad_id` as in the
+    eager path. Tokens drawn after a row finished are dropped by `_record`, so outputs are the eager ones.
+    """
+    device = logits.device
+    state = prepare(model, decoder, cache)  # type: ignore[arg-type]
+    slot = torch.tensor([cache.length], dtype=torch.long, device=device)
+    step_fn = compiled_step(device.type) if use_compile else decode_step
+    cuda_graphs = use_compile and device.type == "cuda"
+    if cuda_graphs:
+        pin_for_cuda_graphs(state, cache, slot)
+    pad = torch.tensor(gen.pad_id, dtype=torch.long, device=device)
+    stop_ids = torch.tensor(sorted(gen.stop_ids), dtype=torch.long, device=device)
+    budget = torch.tensor(budgets, dtype=torch.long, device=device)
+    done = torch.zeros(len(budgets), dtype=torch.bool, device=device)
+    check_every = 1 if on_step is not None else STOP_CHECK_EVERY
+    drawn: list[torch.Tensor] = []
+    for step in range(max(budgets)):
+        if step > 0:
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step_fn(state, cache, torch.where(done, pad, drawn[-1]), slot)
+            cache.length += 1
+            slot += 1
+            if cuda_graphs:
+                logits = logits.clone()  # the graph's output buffer is overwritten by the next replay
+        next_tokens = sample_next(logits, gen, generator)  # [B]
+        if on_step is not None:
+            on_step(step, logits, next_tokens)
+        drawn.append(next_tokens)
+        done = done | torch.isin(next_tokens, stop_ids) | (budget <= step + 1)
+        if (step + 1) % check_every == 0 and bool(done.all()):
+            break
+    return torch.stack(drawn).tolist()

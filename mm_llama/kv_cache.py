@@ -56,8 +56,18 @@ class KVCache:
         self.length += valid.shape[1]
         self.next_position += valid.sum(dim=1)
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k/v [B, Hkv, T, hd]` at slots `[start, start+T)`; return all keys/values up to there."""
+    def write(
+        self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `k/v [B, Hkv, T, hd]` at slots `[start, start+T)`; return all keys/values up to there.
+
+        With a tensor `start` (slot indices `[T]`, the static decode step) the write is an `index_copy_`
+        and every slot comes back (`[B, Hkv, max_len, hd]`): shapes never change, `valid` masks the rest.
+        """
+        if isinstance(start, torch.Tensor):
+            self.keys[layer].index_copy_(2, start, k)
+            self.values[layer].index_copy_(2, start, v)
+            return self.keys[layer], self.values[layer]
         end = start + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v

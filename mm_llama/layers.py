@@ -55,7 +55,7 @@ class LayerContext:
     mask: torch.Tensor | None  # bool [B, 1, T, Tk], True = may attend
     is_causal: bool
     cache: KVCache | None = None
-    cache_start: int = 0
+    cache_start: int | torch.Tensor = 0  # first cache slot written; a tensor `[T]` of slots in static decoding
     extras: dict[str, Any] = field(default_factory=dict)
 
 

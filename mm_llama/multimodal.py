@@ -202,6 +202,24 @@ class MultimodalLlama(nn.Module):
             raise ValueError(f"sample {b} has {int(hits[b].sum())} {modality.name} token(s) but no {modality.name} "
                              f"input was given; pass media={{'{modality.name}': ...}} or remove the tokens")
 
+    @staticmethod
+    def _decode_inputs(state: dict[str, Any], batch: int, length: int) -> CrossAttentionInputs:
+        """Cross-attention inputs of `length` decoded tokens per row from a modality's prefill `state`
+        (its K/V and `decode_keys [B, S]`, the keys the last prompt token saw)."""
+        key_rows = state["decode_keys"][:, None, :].expand(batch, length, -1)  # [B, T, S]
+        key_mask, row_mask = attention_masks(key_rows)
+        return CrossAttentionInputs(None, key_mask, row_mask, kv=state["kv"])
+
+    def decode_extras(self, cache: KVCache, batch: int) -> dict[str, Any]:
+        """The `extras` of a one-token decode step after prefill, built once for the static decode loop:
+        every modality with prefill state in `cache` gets its cross-attention inputs; none → `{}`."""
+        cross = {
+            name: self._decode_inputs(state, batch, 1)
+            for name in self.modality_names
+            if (state := cache.fusion_state.get(f"{CROSS_ATTENTION_KEY}.{name}")) is not None
+        }
+        return {CROSS_ATTENTION_KEY: cross} if cross else {}
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -228,9 +246,7 @@ class MultimodalLlama(nn.Module):
             state_key = f"{CROSS_ATTENTION_KEY}.{name}"
             state = cache.fusion_state.get(state_key) if decoding else None
             if state is not None:  # every new token sees what the last prompt token saw
-                key_rows = state["decode_keys"][:, None, :].expand(tokens.shape[0], tokens.shape[1], -1)
-                key_mask, row_mask = attention_masks(key_rows)
-                cross[name] = CrossAttentionInputs(None, key_mask, row_mask, kv=state["kv"])
+                cross[name] = self._decode_inputs(state, tokens.shape[0], tokens.shape[1])
                 continue
             prepared = modality.prepare(tokens, media.get(name), attention_mask)
             if prepared is None:
