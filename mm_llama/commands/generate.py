@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mm_llama.checkpoints import load_llama
 from mm_llama.checkpoints.loading import lm_checkpoint_dir
-from mm_llama.commands.device import add_device_options, resolve_device
+from mm_llama.commands.device import add_compile_option, add_device_options, resolve_device
 from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.generation import GenerationConfig, generate
 from mm_llama.tokenizer import Tokenizer
@@ -45,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_device_options(p)
+    add_compile_option(p)
     p.set_defaults(run=run)
 
 
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [encode_prompt(tokenizer, p, chat=args.chat, system=args.system) for p in args.prompt]
     gen = GenerationConfig.for_tokenizer(
         tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        compile=args.compile,
     )
     results = generate(model, prompts, gen)
     for prompt, result in zip(args.prompt, results):

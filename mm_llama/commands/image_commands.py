@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mm_llama.commands.device import add_device_options, resolve_device
+from mm_llama.commands.device import add_compile_option, add_device_options, resolve_device
 from mm_llama.commands.help_format import HelpFormatter
 from mm_llama.commands.results import print_results
 from mm_llama.generation import GenerationConfig
@@ -43,6 +43,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="base-model prompt (<|image|><|begin_of_text|>text) instead of the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     add_device_options(p)
+    add_compile_option(p)
 
 
 def add_caption_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +68,8 @@ def add_vqa_parser(sub: argparse._SubParsersAction) -> None:
 
 def _generation(args: argparse.Namespace, tokenizer) -> GenerationConfig:
     return GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=args.max_new_tokens,
-                                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                          compile=args.compile)
 
 
 def _report(results: list[ImageAnswer], args: argparse.Namespace, field: str, extra: dict | None = None) -> int:

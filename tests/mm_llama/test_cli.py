@@ -131,3 +131,19 @@ def test_every_command_that_loads_a_model_takes_model_and_its_checkpoint_alias()
     taking = {name: strings for name, strings in taking.items() if strings}
     assert {"generate", "caption", "vqa", "eval", "ask", "transcribe", "translate", "video-qa"} <= set(taking)
     assert all(strings == [["--model", "--checkpoint"]] for strings in taking.values()), taking
+
+
+@pytest.mark.parametrize("flag, want", [([], None), (["--compile"], True), (["--no-compile"], False)])
+def test_compile_flags_reach_the_generation_config(tiny_dir: Path, flag: list[str], want: bool | None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import mm_llama.commands.generate as command
+    from mm_llama.commands.image_commands import _generation
+
+    seen: list[GenerationConfig] = []
+    monkeypatch.setattr(command, "generate", lambda model, prompts, gen: seen.append(gen) or [])
+    assert main(["generate", "--checkpoint", str(tiny_dir), "--prompt", "hi", *flag]) == 0
+    assert [g.compile for g in seen] == [want]
+    parser = build_parser()
+    for argv in (["caption", "--model", "m", "a.png"], ["vqa", "--model", "m", "--image", "a.png", "--question", "?"]):
+        args = parser.parse_args([*argv, *flag])
+        assert _generation(args, Tokenizer.from_dir(tiny_dir)).compile is want
