@@ -103,15 +103,18 @@ class GenerateReport:
     roofline_source: str
     roofline_tok_per_s: float
     candidates: list[DecodeFigures]
-    ratios: dict[str, float]  # ours / each baseline, decode tok/s
+    ratios: dict[str, float]  # ours (eager) / each transformers baseline, decode tok/s
+    compiled_ratios: dict[str, float]  # ours compiled / each transformers baseline ({} without that row)
     same_greedy_tokens: dict[str, float]  # fraction of each baseline's rows whose tokens equal ours
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _ours(model: LlamaDecoder, prompts: list[list[int]], new: int) -> Callable[[], list[list[int]]]:
-    gen = GenerationConfig(max_new_tokens=new)
+def _ours(model: LlamaDecoder, prompts: list[list[int]], new: int, compiled: bool) -> Callable[[], list[list[int]]]:
+    """Our generate: the eager decode path, or the compiled static-cache step."""
+    mode = dict(compile=True) if compiled else dict(compile=False, static_cache=False)
+    gen = GenerationConfig(max_new_tokens=new, **mode)
     return lambda: [r.tokens for r in generate(model, prompts, gen)]
 
 
@@ -139,9 +142,10 @@ def _theirs(model: Any, ids: torch.Tensor, new: int, static: bool) -> Callable[[
 def bench_generate(
     shape: str, *, batch: int = 1, prompt_len: int = 64, new: int = 64, repeats: int = 5, warmup: int = 1,
     device: torch.device, dtype: torch.dtype, seed: int = 0, static_baseline: bool | None = None,
+    compiled: bool | None = None,
 ) -> GenerateReport:
-    """Measure greedy decode of ours against transformers eager (and its static cache + compile path,
-    by default where CUDA is)."""
+    """Measure greedy decode of ours (eager, and compiled: by default where CUDA is) against transformers
+    eager (and its static cache + compile path, by default where CUDA is)."""
     for name, value, low in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("new", new, 2)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -153,10 +157,14 @@ def bench_generate(
     ids = ids.to(device)
     if static_baseline is None:
         static_baseline = device.type == "cuda"
+    if compiled is None:
+        compiled = device.type == "cuda"
     runs: dict[str, dict[int, Callable[[], list[list[int]]]]] = {
-        "ours": {n: _ours(ours, prompts, n) for n in (new, 1)},
-        "transformers eager": {n: _theirs(theirs, ids, n, static=False) for n in (new, 1)},
+        "ours": {n: _ours(ours, prompts, n, compiled=False) for n in (new, 1)},
     }
+    if compiled:
+        runs["ours compiled"] = {n: _ours(ours, prompts, n, compiled=True) for n in (new, 1)}
+    runs["transformers eager"] = {n: _theirs(theirs, ids, n, static=False) for n in (new, 1)}
     if static_baseline:
         runs["transformers static+compile"] = {n: _theirs(theirs, ids, n, static=True) for n in (new, 1)}
     tokens = {name: fns[new]() for name, fns in runs.items()}
@@ -167,13 +175,15 @@ def bench_generate(
     line = roofline(device)
     candidates = [_figures(name, timed[f"{name}|{new}"], timed[f"{name}|1"], batch, new, bytes_per_step,
                            line.bytes_per_s) for name in runs]
-    ours_speed = candidates[0].decode_tok_per_s
+    speed = {c.name: c.decode_tok_per_s for c in candidates}
+    baselines = [c.name for c in candidates if not c.name.startswith("ours")]
     return GenerateReport(
         device=device_label(device), dtype=str(dtype).removeprefix("torch."), shape=shape, batch=batch,
         prompt_len=prompt_len, new_tokens=new, repeats=repeats, weight_gb=bytes_per_step / 1e9,
         roofline_gb_per_s=line.bytes_per_s / 1e9, roofline_source=line.source,
         roofline_tok_per_s=batch * line.bytes_per_s / bytes_per_step, candidates=candidates,
-        ratios={c.name: ours_speed / c.decode_tok_per_s for c in candidates[1:]},
+        ratios={name: speed["ours"] / speed[name] for name in baselines},
+        compiled_ratios={name: speed["ours compiled"] / speed[name] for name in baselines if compiled},
         same_greedy_tokens={name: _same_rows(tokens["ours"], rows) for name, rows in tokens.items() if name != "ours"},
     )
 

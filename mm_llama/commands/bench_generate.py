@@ -15,7 +15,9 @@ Exit status: 0 when measured; 2 on a bad argument; 1 when transformers (the base
 
 Example (CPU, a few seconds):
   mm-llama bench generate --shape tiny --new 64 --repeats 5
-On a GPU (bf16; adds transformers' static cache + torch.compile path):
+With our compiled static-cache decode step as a third row (CPU: about a minute more, the compile):
+  mm-llama bench generate --shape tiny --compile
+On a GPU (bf16; adds ours compiled and transformers' static cache + torch.compile path):
   mm-llama bench generate --shape 8b --batch 1 --new 256
 """
 
@@ -41,6 +43,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="weights dtype (default bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--no-static", action="store_true",
                    help="skip transformers' static cache + compile baseline (run by default on CUDA only)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the row 'ours compiled' (our static-cache step through torch.compile; default: on "
+                   "CUDA only, as the first CPU compile takes a minute)")
     add_run_options(g)
     g.set_defaults(run=run_generate)
 
@@ -57,6 +62,7 @@ def run_generate(args: argparse.Namespace) -> int:
     report = bench_generate(
         args.shape, batch=args.batch, prompt_len=args.prompt_len, new=args.new, repeats=args.repeats,
         device=device, dtype=dtype, seed=args.seed, static_baseline=False if args.no_static else None,
+        compiled=args.compile,
     )
     print_report(report)
     if args.json:
@@ -72,6 +78,8 @@ def print_report(r: GenerateReport) -> None:
           f"({r.roofline_source}) = {r.roofline_tok_per_s:.1f} tok/s at batch {r.batch}", file=out)
     for c in r.candidates:
         ratio = f"ours/this {r.ratios[c.name]:.2f}x" if c.name in r.ratios else ""
+        if c.name in r.compiled_ratios:
+            ratio += f", compiled/this {r.compiled_ratios[c.name]:.2f}x"
         same = (f"same greedy tokens {100 * r.same_greedy_tokens[c.name]:.0f}% of rows"
                 if c.name in r.same_greedy_tokens else "")
         print(f"  {c.name:<30} {c.decode_tok_per_s:10.1f} tok/s {c.weight_gb_per_s:9.2f} GB/s "

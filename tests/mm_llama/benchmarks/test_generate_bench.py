@@ -31,8 +31,29 @@ def test_bench_generate_tiny_prints_every_figure_against_transformers(capsys: py
     ours = report["candidates"][0]["decode_tok_per_s"]
     assert report["ratios"]["transformers eager"] == pytest.approx(ours / report["candidates"][1]["decode_tok_per_s"])
     assert report["same_greedy_tokens"] == {"transformers eager": 1.0}
+    assert report["compiled_ratios"] == {}  # the compiled row is opt-in (--compile) without CUDA
     assert report["roofline_source"] == "measured copy"
     assert any(line.startswith("  ours") and "% of roofline" in line for line in lines)
+
+
+def test_compile_adds_the_row_ours_compiled(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row's plumbing, with the static step run uncompiled (the compile itself is tested in
+    tests/mm_llama/test_static_decode.py)."""
+    import mm_llama.generation as generation
+    from mm_llama.static_decode import decode_step
+
+    monkeypatch.setattr(generation, "compiled_step", lambda device_type: decode_step)
+    assert main(["bench", "generate", "--shape", "tiny", "--prompt-len", "8", "--new", "6", "--repeats", "1",
+                 "--device", "cpu", "--compile", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    speed = {c["name"]: c["decode_tok_per_s"] for c in report["candidates"]}
+    assert list(speed) == ["ours", "ours compiled", "transformers eager"]
+    assert report["ratios"] == {"transformers eager": pytest.approx(speed["ours"] / speed["transformers eager"])}
+    assert report["compiled_ratios"] == {
+        "transformers eager": pytest.approx(speed["ours compiled"] / speed["transformers eager"])}
+    assert report["same_greedy_tokens"] == {"ours compiled": 1.0, "transformers eager": 1.0}
+    assert any(line.startswith("  transformers eager") and "compiled/this" in line for line in lines)
 
 
 def test_weight_bytes_count_the_head_once_and_skip_the_untied_embedding() -> None:
