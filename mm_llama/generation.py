@@ -233,6 +233,10 @@ def generate(
     logits [B, V], tokens [B])` observes every step's last-position logits and chosen tokens (including
     rows that already finished, whose tokens are ignored). `prefill_inputs` are extra keyword arguments
     for the prefill call only (e.g. `images=` for `MultimodalLlama`, which caches what it derives from them).
+
+    Prefill is always eager; decode steps run eagerly through the model or, with `gen.static_cache` /
+    `gen.compile` (the default on CUDA), through the static-shape step of `mm_llama.static_decode`, which
+    yields the same tokens.
     """
     # a MultimodalLlama states the ids it accepts (media ids included); a LlamaDecoder its config's
     vocab_size = getattr(model, "vocab_size", None) or model.cfg.vocab_size
