@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from mm_llama.data.image_transform import ImageInput, ImageTransform, TiledImage, collate_images
 from mm_llama.data.prompts import DEFAULT_CAPTION_PROMPT, prompt_ids
+from mm_llama.data.records import IMAGE_MARKER, IMAGE_SLOT
 from mm_llama.generation import GenerationConfig, generate
 from mm_llama.media_tokens import MediaTokens
 from mm_llama.multimodal import MultimodalLlama
@@ -24,13 +25,22 @@ def image_prompt(tokenizer: Tokenizer, text: str, image_token_id: int, *, chat: 
     """Token ids for one image followed by `text`.
 
     Chat (instruct models): `<|begin_of_text|>` + user header + `<|image|>` + text + `<|eot_id|>` + assistant
-    header. Plain (base models, Meta's completion style): `<|image|><|begin_of_text|>` + text.
+    header. Plain (base models, Meta's completion style): `<|image|><|begin_of_text|>` + text. One
+    `<image>` in `text` puts `<|image|>` there instead (text before it, the image, text after it).
     `<|image|>` is inserted as an id, so tokenizers that do not list it work too.
     """
+    markers = text.count(IMAGE_MARKER)
+    if markers > 1:
+        raise ValueError(f"the prompt {text!r:.80} holds {markers} {IMAGE_MARKER} markers; one image goes in one "
+                         f"place: keep one {IMAGE_MARKER} (or none, to put the image first)")
     if not chat:
+        if markers:
+            before, _, after = text.partition(IMAGE_MARKER)
+            return tokenizer.encode(before.strip(), bos=True) + [image_token_id] + tokenizer.encode(after.strip())
         return [image_token_id] + tokenizer.encode(text, bos=True)
-    # the same template training uses (data/prompts.py), so training and inference prompts are identical
-    return prompt_ids(tokenizer, MediaTokens(image_token_id), "vqa", {"question": text})
+    # the same template training uses (data/prompts.py), so training and inference prompts are identical; a
+    # <image> marker places the image as in a LLaVA / chat-messages record the model was trained on
+    return prompt_ids(tokenizer, MediaTokens(image_token_id), "vqa", {"question": text.replace(IMAGE_MARKER, IMAGE_SLOT)})
 
 
 def image_transform(model: MultimodalLlama) -> ImageTransform:
@@ -87,6 +97,8 @@ def answer_images(
     if "image" not in getattr(model, "modality_names", ()):
         raise ValueError(f"this model reads {list(getattr(model, 'modality_names', []))}, not images; caption and vqa "
                          "need a model with an image modality (for speech use transcribe / translate)")
+    for prompt in dict.fromkeys(prompts):  # a bad prompt fails before any image is read or answered
+        image_prompt(tokenizer, prompt, model.image.token_id, chat=chat)
     transform = image_transform(model)
     results = [ImageAnswer(source=name) for name in names]
     bar = tqdm(total=len(images), unit="image", disable=not (progress if progress is not None else len(images) > 4))

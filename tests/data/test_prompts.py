@@ -174,6 +174,18 @@ def test_image_prompts_equal_image_chat(
     assert prompt_ids(t, media, task, fields) == image_prompt(t, text, media.image, chat=True)
 
 
+def test_an_image_marker_in_a_typed_prompt_places_the_image_there(tok: Tokenizer, media: MediaTokens) -> None:
+    """`vqa "Look at <image> — what colour is it?"` asks as a LLaVA-style record trained with the marker there."""
+    chat = image_prompt(tok, "Look at <image> what colour is it?", media.image, chat=True)
+    assert chat == ([tok.bos_id] + tok.encode_header("user") + tok.encode("Look at") + [media.image]
+                    + tok.encode("what colour is it?") + [tok.eot_id] + tok.encode_header("assistant"))
+    plain = image_prompt(tok, "A photo of <image> showing", media.image, chat=False)
+    assert plain == tok.encode("A photo of", bos=True) + [media.image] + tok.encode("showing")
+    assert image_prompt(tok, "<image>\nWhat is it?", media.image) == image_prompt(tok, "What is it?", media.image)
+    with pytest.raises(ValueError, match="holds 2 <image> markers; one image goes in one place"):
+        image_prompt(tok, "<image> and <image>?", media.image)
+
+
 def test_default_caption_prompt_matches_image_chat() -> None:
     assert DEFAULT_CAPTION_PROMPT == IMAGE_CHAT_DEFAULT
 
