@@ -107,3 +107,21 @@ def test_static_path_choices_and_refusals() -> None:
         GenerationConfig(compile=True, static_cache=False)
     with pytest.raises(ValueError, match="compile must be True, False or None"):
         GenerationConfig(compile="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_the_eager_tokens_without_graph_breaks_or_recompiles() -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    prompts = [prompt(7, seed=90), prompt(3, seed=91)]
+    eager = generate(model, prompts, GenerationConfig(max_new_tokens=20, **EAGER))
+    compiled = GenerationConfig(max_new_tokens=20, compile=True)
+    assert generate(model, prompts, compiled) == eager
+    # a second call with other prompts of the same rounded cache size reuses the graph
+    others = [prompt(5, seed=92), prompt(6, seed=93)]
+    assert generate(model, others, compiled) == generate(model, others, GenerationConfig(max_new_tokens=20, **EAGER))
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 1
