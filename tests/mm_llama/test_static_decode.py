@@ -125,3 +125,20 @@ def test_compiled_step_gives_the_eager_tokens_without_graph_breaks_or_recompiles
     assert generate(model, others, compiled) == generate(model, others, GenerationConfig(max_new_tokens=20, **EAGER))
     assert sum(counters["graph_break"].values()) == 0
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.slow
+def test_compiled_step_with_image_cross_attention_gives_the_eager_tokens() -> None:
+    """~15 s: the cross-attention inputs (image K/V from prefill) pass through the compiled graph unbroken."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = image_model()
+    prompts = [image_prompt(1, seed=3), image_prompt(2, n_text=2, seed=4)]
+    images = make_images([[(2, 1)], [(1, 1), (1, 4)]], seed=6)
+    eager = generate(model, prompts, GenerationConfig(max_new_tokens=12, **EAGER), prefill_inputs={"images": images})
+    compiled = generate(model, prompts, GenerationConfig(max_new_tokens=12, compile=True),
+                        prefill_inputs={"images": images})
+    assert compiled == eager
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
