@@ -199,6 +199,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     prompt: str | None = None,
     progress: bool = True,
+    compile: bool | None = None,
 ) -> EvalResult:
     """Generate greedily for every sample of ``shards`` and score the outputs.
 
@@ -245,19 +246,21 @@ def evaluate(
         control="blank" if blank_images else None,
     )
     return run_evaluation(model, tokenizer, EvalShardReader(shards), task, how, batch_size=batch_size,
-                          max_samples=max_samples, max_new_tokens=max_new_tokens, prompt=prompt, progress=progress)
+                          max_samples=max_samples, max_new_tokens=max_new_tokens, prompt=prompt, progress=progress,
+                          compile=compile)
 
 
 def run_evaluation(model: MultimodalLlama, tokenizer: Tokenizer, reader: EvalShardReader, task: str, how: MediaEval, *,
                    batch_size: int, max_samples: int | None, max_new_tokens: int, prompt: str | None,
-                   progress: bool) -> EvalResult:
+                   progress: bool, compile: bool | None = None) -> EvalResult:
     """The loop every media evaluation shares: read ``reader``'s samples in order, prompt them as training
     does, generate greedily in batches of ``batch_size``, skip and count what cannot be used, and score
-    (a caption task by CIDEr, a qa task by VQA accuracy). Arguments are checked by the caller."""
+    (a caption task by CIDEr, a qa task by VQA accuracy); ``compile``: the decode path
+    (`GenerationConfig.compile`, None: compiled on CUDA). Arguments are checked by the caller."""
     media = MediaTokens(model.text_cfg.vocab_size)
     # a tokenizer that does not fit the model fails here, once, instead of skipping every sample
     prompt_ids(tokenizer, media, task, _prompt_fields(task, prompt, "?"))
-    gen = GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
+    gen = GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=0.0, compile=compile)
     was_training = model.training
     model.eval()
 

@@ -85,6 +85,7 @@ def evaluate_speech(
     default_language: str | None = None,
     target_language: str | None = None,
     progress: bool = True,
+    compile: bool | None = None,
 ) -> EvalResult:
     """Transcribe (``asr``) or translate (``ast``) every utterance of ``shards`` and score the outputs:
     ``{"wer": …}`` or ``{"bleu": …}``. Records are read as training reads them (ASR: ``text`` +
@@ -98,7 +99,7 @@ def evaluate_speech(
     reader = EvalShardReader(shards, media="audio")
     media = MediaTokens(model.text_cfg.vocab_size)
     options = {"default_language": default_language} if task == "asr" else {"target_language": target_language}
-    gen = GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
+    gen = GenerationConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=0.0, compile=compile)
     was_training = model.training
     model.eval()
     items: list[dict[str, Any]] = []

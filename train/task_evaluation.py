@@ -52,18 +52,21 @@ def evaluate_task(
     question_style: str | None = None,
     num_frames: int | None = None,
     progress: bool = True,
+    compile: bool | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``shards`` for ``task`` (one of :data:`METRIC_TASKS`) as `mm-llama eval` does.
 
     ``blank``: the task's control (blank images, frozen frames, silence). ``language``: asr: the language of
     records without one; ast: the target language of records without one. ``question_style`` /
     ``num_frames`` (video tasks): default to the run's (``model_dir``'s ``config.yaml``: ``data.prompt``,
-    ``data.num_frames``), else ``plain`` and ``DEFAULT_NUM_FRAMES``. Raises ValueError for an unknown task
+    ``data.num_frames``), else ``plain`` and ``DEFAULT_NUM_FRAMES``. ``compile``: the decode path
+    (`GenerationConfig.compile`; None: compiled on CUDA, eager elsewhere). Raises ValueError for an unknown task
     and whatever the evaluation raises (bad arguments, no sample could be evaluated).
     """
     if task not in METRIC_TASKS:
         raise ValueError(f"unknown eval task {task!r}; expected one of {', '.join(METRIC_TASKS)}")
-    common: dict[str, Any] = {"batch_size": batch_size, "max_samples": max_samples, "progress": progress}
+    common: dict[str, Any] = {"batch_size": batch_size, "max_samples": max_samples, "progress": progress,
+                              "compile": compile}
     if task in ("asr", "ast"):
         from mm_llama.data.prompts import language_name
         from mm_llama.train.speech_evaluation import evaluate_speech
@@ -131,7 +134,8 @@ class MetricEvaluation:
         n}``); the full result goes to :func:`metric_result_path` when ``write``. Training state is untouched."""
         with preserved_training_state(model):
             result = evaluate_task(model, self.tokenizer, self.shards, self.task, model_dir=self.run_dir,
-                                   batch_size=self.batch_size, max_samples=self.samples, progress=False)
+                                   batch_size=self.batch_size, max_samples=self.samples, progress=False,
+                                   compile=False)  # eager: a wrapped (DDP / FSDP) model, no compile per eval size
         if self.write:
             write_result(result, metric_result_path(self.run_dir, self.task, step), settings={"step": step})
         return {**{k: float(v) for k, v in result.metrics.items()}, "metric_samples": float(result.counts["samples"])}

@@ -52,6 +52,7 @@ def evaluate_video(
     max_new_tokens: int | None = None,
     prompt: str | None = None,
     progress: bool = True,
+    compile: bool | None = None,
 ) -> EvalResult:
     """Generate greedily for every clip of ``shards`` (video-caption layout for ``video_caption``, video-qa for
     ``video_qa``) and score the outputs as :func:`~mm_llama.train.evaluation.evaluate` scores images (same
@@ -91,4 +92,4 @@ def evaluate_video(
     )
     reader = EvalShardReader(shards, media="video", num_frames=num_frames)
     return run_evaluation(model, tokenizer, reader, task, how, batch_size=batch_size, max_samples=max_samples,
-                          max_new_tokens=max_new_tokens, prompt=prompt, progress=progress)
+                          max_new_tokens=max_new_tokens, prompt=prompt, progress=progress, compile=compile)

@@ -113,3 +113,23 @@ def test_recipe_errors_name_what_is_missing(assets: Assets, changes: dict, messa
     overrides = mm_overrides(assets, **{k.replace(".", "__"): v for k, v in values.items()})
     with pytest.raises(RecipeError, match=message):
         load_recipe("tiny_vision_pretrain", overrides)
+
+
+def test_the_metric_evaluation_decodes_eagerly(assets: Assets, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """During training the metric is generated on the eager decode path (`compile=False`): the model may be
+    DDP / FSDP-wrapped, and a compile per evaluation size would cost more than the evaluation."""
+    from types import SimpleNamespace
+
+    from mm_llama.train import task_evaluation
+
+    seen: dict = {}
+
+    def recording_evaluate_task(model, tokenizer, shards, task, **settings):
+        seen.update(settings, task=task, shards=shards)
+        return SimpleNamespace(metrics={"vqa_accuracy": 0.5}, counts={"samples": SAMPLES})
+
+    monkeypatch.setattr(task_evaluation, "evaluate_task", recording_evaluate_task)
+    cfg = load_recipe("tiny_vision_pretrain", _overrides(assets, train__eval_metric_samples=SAMPLES))
+    metric = task_evaluation.MetricEvaluation(cfg, tokenizer=None, run_dir=assets.data, write=False)
+    assert metric(nn.Linear(2, 2), step=2) == {"vqa_accuracy": 0.5, "metric_samples": float(SAMPLES)}
+    assert seen["compile"] is False and seen["max_samples"] == SAMPLES and seen["task"] == "vqa"
