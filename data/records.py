@@ -214,11 +214,11 @@ def _messages(items: Any, name: str) -> list[_Message]:
         if not isinstance(item, Mapping):
             raise RecordError("bad_field", f"{where} must be a {{{role_key!r}, {text_key!r}}} object, got {item!r:.80}")
         role = item.get(role_key)
-        if not isinstance(role, str) or role.strip().lower() not in _ROLES:  # ShareGPT dumps write "Human" / "GPT" too
+        mapped = _ROLES.get(role.strip().lower()) if isinstance(role, str) else None  # ShareGPT dumps write "Human" too
+        if mapped is None:
             raise RecordError("bad_field", f"{where}[{role_key!r}] is {role!r:.40}; expected one of {sorted(_ROLES)} "
                                            "(any case)")
-        messages.append(_Message(i, _ROLES[role.strip().lower()], _content(item.get(text_key), f"{where}[{text_key!r}]",
-                                                           parts=name == "messages")))
+        messages.append(_Message(i, mapped, _content(item.get(text_key), f"{where}[{text_key!r}]", parts=name == "messages")))
     return messages
 
 
