@@ -14,6 +14,14 @@ from mm_llama.masks import decoder_mask, positions_after_padding, positions_with
 from mm_llama.rope import RotaryEmbedding
 
 
+def _select_rows(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Hidden states `[B, T, D]` at the True positions of `keep [B, T]` → `[N, D]` (row-major order)."""
+    if keep.shape != h.shape[:2] or keep.dtype != torch.bool:
+        raise ValueError(f"logits_at must be a bool mask of shape {tuple(h.shape[:2])}, got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
+    return h[keep.to(h.device)]
+
+
 class LlamaDecoder(nn.Module):
     """Llama 3 decoder with Meta's parameter names (`tok_embeddings`, `layers.i.*`, `norm`, `output`).
 
@@ -56,19 +64,27 @@ class LlamaDecoder(nn.Module):
         cache: KVCache | None = None,
         extras: dict[str, Any] | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits `[B, T, V]` (or `[B, 1, V]` with `last_only`) for `tokens [B, T]` or `embeds [B, T, D]`.
 
         `attention_mask [B, T]` marks real tokens (False = padding, which no real token attends to);
         `document_ids [B, T]` separates packed documents (attention stays within a document and
         positions restart at each one); with a `cache`, the new tokens follow the cached ones.
+        `logits_at [B, T]` (bool) gives logits `[N, V]` of only its N True positions, in row-major order:
+        a training loss needs only the positions that predict a label, so the output head (and its
+        backward) skips the rest (`mm_llama.train.tasks.predicting_positions`).
         """
+        if last_only and logits_at is not None:
+            raise ValueError("pass last_only or logits_at, not both")
         h = self.forward_hidden(
             tokens, embeds=embeds, attention_mask=attention_mask, document_ids=document_ids,
             position_ids=position_ids, cache=cache, extras=extras,
         )
         if last_only:
             h = h[:, -1:]
+        elif logits_at is not None:
+            h = _select_rows(h, logits_at)
         return self.output(h)
 
     def forward_hidden(

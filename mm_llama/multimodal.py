@@ -230,9 +230,11 @@ class MultimodalLlama(nn.Module):
         cache: KVCache | None = None,
         extras: dict[str, Any] | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits `[B, T, V]` for `tokens [B, T]`; `media` maps modality names to their collated inputs
-        (`images=` is shorthand for `media={"image": images}`).
+        (`images=` is shorthand for `media={"image": images}`); `logits_at [B, T]` (bool) keeps only
+        those positions, `[N, V]` (see `LlamaDecoder.forward`).
 
         Text rows before a sample's first image, padding rows and text-only samples get no image signal;
         a batch without media runs exactly as the plain LM. With a `cache`, the first call (prefill)
@@ -261,12 +263,13 @@ class MultimodalLlama(nn.Module):
         if cross:
             extras[CROSS_ATTENTION_KEY] = cross
         if not spans:
-            return self.decoder(tokens, attention_mask=attention_mask, cache=cache, extras=extras, last_only=last_only)
+            return self.decoder(tokens, attention_mask=attention_mask, cache=cache, extras=extras, last_only=last_only,
+                                logits_at=logits_at)
         embeds = self.decoder.tok_embeddings(tokens)
         for span in spans:
             embeds = embeds.index_put((span.positions,), span.embeds.to(embeds.dtype))
         return self.decoder(embeds=embeds, attention_mask=attention_mask, cache=cache, extras=extras,
-                            last_only=last_only)
+                            last_only=last_only, logits_at=logits_at)
 
 
 __all__ = ["DECODER_GROUP", "MultimodalConfig", "MultimodalLlama", "N_FUSION_TOKENS", "fused_decoder"]

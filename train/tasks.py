@@ -69,6 +69,23 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[t
     return loss, int((target != IGNORE_INDEX).sum())
 
 
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Bool `[B, T]`: the positions whose logits a loss on aligned `labels [B, T]` scores (position t
+    predicts `labels[t + 1]`; the last predicts nothing). Pass it as the model's `logits_at`."""
+    return F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+
+
+def selected_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """What `shifted_cross_entropy` gives, from logits `[N, V]` at only `predicting_positions(labels)`
+    (row-major order, as `logits_at=` returns them): `(loss summed in fp32, N)`."""
+    target = labels[:, 1:]
+    target = target[target != IGNORE_INDEX]
+    if logits.ndim != 2 or logits.shape[0] != target.numel():
+        raise ValueError(f"logits {tuple(logits.shape)} are not one row per labelled position ({target.numel()}); "
+                         "pass logits_at=predicting_positions(labels) to the model")
+    return F.cross_entropy(logits.float(), target, reduction="sum"), int(target.numel())
+
+
 def label_count(labels: torch.Tensor) -> int:
     """Positions `shifted_cross_entropy` scores for aligned `labels [B, T]`."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
@@ -109,8 +126,9 @@ class LMTask(Task):
         return label_count(batch.labels)
 
     def step(self, model: nn.Module, batch: Any) -> StepResult:
-        logits = model(batch.input_ids, document_ids=batch.document_ids)
-        loss, units = shifted_cross_entropy(logits, batch.labels)
+        logits = model(batch.input_ids, document_ids=batch.document_ids,
+                       logits_at=predicting_positions(batch.labels))
+        loss, units = selected_cross_entropy(logits, batch.labels)
         return StepResult(loss, units, int(batch.input_ids.numel()), int(batch.input_ids.shape[0]))
 
 
@@ -128,8 +146,9 @@ class ImageTextTask(Task):
 
     def step(self, model: nn.Module, batch: Any) -> StepResult:
         text = batch.text
-        logits = model(text.input_ids, media=self.media(batch), attention_mask=text.attention_mask)
-        loss, units = shifted_cross_entropy(logits, text.labels)
+        logits = model(text.input_ids, media=self.media(batch), attention_mask=text.attention_mask,
+                       logits_at=predicting_positions(text.labels))
+        loss, units = selected_cross_entropy(logits, text.labels)
         return StepResult(loss, units, int(text.attention_mask.sum()), int(text.input_ids.shape[0]))
 
 
@@ -210,5 +229,5 @@ def task_for(name: str, device: torch.device, precision: str = "auto") -> Task:
 
 __all__ = [
     "AudioTextTask", "BestRqTask", "VideoTextTask", "ContrastiveTask", "ImageTextTask", "LMTask", "StepResult", "TASK_FAMILIES", "Task", "autocast",
-    "label_count", "shifted_cross_entropy", "task_for",
+    "label_count", "predicting_positions", "selected_cross_entropy", "shifted_cross_entropy", "task_for",
 ]

@@ -71,3 +71,20 @@ def test_fusion_hook_points_are_exposed() -> None:
     model(torch.zeros(1, 3, dtype=torch.long), extras={"vision": "states"})
     handle.remove()
     assert seen == [{"vision": "states"}]
+
+
+def test_logits_at_gives_the_selected_rows_of_the_full_logits() -> None:
+    model = _model()
+    tokens = torch.randint(0, 512, (2, 7))
+    keep = torch.zeros(2, 7, dtype=torch.bool)
+    keep[0, [1, 4]] = True
+    keep[1, [0, 5, 6]] = True
+    with torch.no_grad():
+        full = model(tokens)
+        selected = model(tokens, logits_at=keep)
+    expected = torch.stack([full[0, 1], full[0, 4], full[1, 0], full[1, 5], full[1, 6]])
+    torch.testing.assert_close(selected, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="bool mask of shape"):
+        model(tokens, logits_at=keep[:, :3])
+    with pytest.raises(ValueError, match="not both"):
+        model(tokens, logits_at=keep, last_only=True)
