@@ -4,7 +4,11 @@ transformers builds `MllamaForConditionalGeneration` with random weights at the 
 `load_multimodal` reads that directory, so both hold the same tensors. Each model then trains what the
 paper's image stages train — the vision encoder, the projector and the cross-attention layers, the LM
 frozen — on one batch of `batch` samples, each a 4-tile image and `text_len` tokens (the image token
-first), with AdamW; bf16 autocast over fp32 weights on CUDA, fp32 on CPU. The models run one after the
+first), with AdamW (fused, transformers' Trainer default); bf16 autocast over fp32 weights on CUDA, fp32 on
+CPU. Both train the same tensors: transformers' embedding table is frozen whole, so our `<|image|>` row
+(trained by the recipes' `image.fusion`, Meta's learnable rows) is frozen here too; training it costs the
+backward of the frozen LM layers below the first cross-attention layer. Our loss is the trainer's
+(`ImageTextTask`: logits only at labelled positions). The models run one after the
 other (two 11B models and their optimizer states do not fit together), `warmup` untimed steps, then the
 median of `steps` timed ones.
 
@@ -23,13 +27,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from mm_llama.benchmarks.bandwidth import peak_bf16_flops
 from mm_llama.benchmarks.generate import import_transformers
 from mm_llama.benchmarks.timing import Timings, device_label, synchronize, time_alternating
 from mm_llama.checkpoints.multimodal_loading import load_multimodal
 from mm_llama.data.image_transform import ImageBatch
+from mm_llama.train.tasks import predicting_positions, selected_cross_entropy
 
 FLOPS_FORMULA = "4·N_frozen_LM + 6·N_fusion + 6·N_encoder·(image tokens / text tokens) per text token"
 
@@ -135,8 +139,8 @@ def _hf_trainable(model: Any) -> list[torch.nn.Parameter]:
     return params
 
 
-def _optimizer(params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+def _optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-5, fused=True)  # CUDA and CPU alike (transformers' Trainer default)
 
 
 def _step_fn(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -174,7 +178,7 @@ def bench_train(shape: str, *, batch: int, text_len: int, steps: int = 5, warmup
     results: dict[str, tuple[Timings, float | None, list[float]]] = {}
 
     losses: list[float] = []
-    opt = _optimizer(_hf_trainable(theirs), device)
+    opt = _optimizer(_hf_trainable(theirs))
     labels = data.tokens.masked_fill(data.tokens == vocab, -100)
 
     hf_inputs = dict(input_ids=data.tokens, pixel_values=data.pixels, cross_attention_mask=data.hf_cross_mask,
@@ -196,14 +200,16 @@ def bench_train(shape: str, *, batch: int, text_len: int, steps: int = 5, warmup
             torch.cuda.empty_cache()
         ours = load_multimodal(Path(tmp), dtype=torch.float32, device=device)
     ours.set_trainable(["image.encoder", "image.fusion"])
+    ours.decoder.tok_embeddings.media["image"].weight.requires_grad_(False)  # as transformers' frozen table
     groups = ours.parameter_groups()
-    opt = _optimizer([p for p in ours.parameters() if p.requires_grad], device)
+    opt = _optimizer([p for p in ours.parameters() if p.requires_grad])
     images = data.ours()
-    targets = labels[:, 1:]
+    logits_at = predicting_positions(labels)
 
     def our_loss() -> torch.Tensor:
-        logits = ours(data.tokens, images=images)[:, :-1]
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        logits = ours(data.tokens, images=images, logits_at=logits_at)
+        loss, units = selected_cross_entropy(logits, labels)
+        return loss / units
 
     losses = []
     timed, peak = _measure("ours", _step_fn(our_loss, opt, device, losses), steps=steps, warmup=warmup,
