@@ -8,9 +8,9 @@ first), with AdamW (fused, transformers' Trainer default); bf16 autocast over fp
 CPU. Both train the same tensors: transformers' embedding table is frozen whole, so our `<|image|>` row
 (trained by the recipes' `image.fusion`, Meta's learnable rows) is frozen here too; training it costs the
 backward of the frozen LM layers below the first cross-attention layer. Our loss is the trainer's
-(`ImageTextTask`: logits only at labelled positions). The models run one after the
-other (two 11B models and their optimizer states do not fit together), `warmup` untimed steps, then the
-median of `steps` timed ones.
+(`ImageTextTask`: logits only at labelled positions). On CUDA the models run one
+after the other (two 11B models and their optimizer states do not fit together); on CPU their steps
+alternate. `warmup` untimed steps, then the median of `steps` timed ones.
 
 Model FLOPs per text token, the formula printed with the figures:
 `4·N_frozen_LM + 6·N_fusion + 6·N_encoder·(image tokens per sample / text tokens per sample)`
@@ -20,6 +20,7 @@ weight gradients of trained ones). MFU divides that rate by the device's dense b
 
 from __future__ import annotations
 
+import copy
 import gc
 import tempfile
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ from mm_llama.benchmarks.generate import import_transformers
 from mm_llama.benchmarks.timing import Timings, device_label, synchronize, time_alternating
 from mm_llama.checkpoints.multimodal_loading import load_multimodal
 from mm_llama.data.image_transform import ImageBatch
+from mm_llama.train.model_options import compile_blocks
 from mm_llama.train.tasks import predicting_positions, selected_cross_entropy
 
 FLOPS_FORMULA = "4·N_frozen_LM + 6·N_fusion + 6·N_encoder·(image tokens / text tokens) per text token"
@@ -84,7 +86,7 @@ class TrainReport:
     flops_per_token: float
     flops_formula: str
     candidates: list[StepFigures]
-    ratios: dict[str, float]  # our tok/s over each baseline's; memory: ours over theirs
+    ratios: dict[str, float]  # tok/s: "transformers" ours over theirs (eager), "A/B" A over B; memory: ours over theirs
     memory_ratio: float | None
 
     def as_dict(self) -> dict[str, Any]:
@@ -166,76 +168,138 @@ def _measure(name: str, step: Callable[[], None], *, steps: int, warmup: int,
     return timed, peak
 
 
-def bench_train(shape: str, *, batch: int, text_len: int, steps: int = 5, warmup: int = 1,
-                device: torch.device, seed: int = 0) -> TrainReport:
-    for label, value, low in (("batch", batch, 1), ("text_len", text_len, 4), ("steps", steps, 1)):
-        if value < low:
-            raise ValueError(f"{label} must be >= {low}, got {value}")
-    theirs = hf_mllama(shape, device, seed)
-    vocab = theirs.config.text_config.vocab_size
-    tile, patch = theirs.config.vision_config.image_size, theirs.config.vision_config.patch_size
-    data = make_batch(batch, text_len, vocab, tile, device, seed)
-    results: dict[str, tuple[Timings, float | None, list[float]]] = {}
-
-    losses: list[float] = []
+def _hf_step(theirs: Any, data: Batch, labels: torch.Tensor, device: torch.device,
+             losses: list[float]) -> Callable[[], None]:
+    """One transformers training step on `data` (its own loss: labels shifted inside the model)."""
+    batch = data.tokens.shape[0]
     opt = _optimizer(_hf_trainable(theirs))
-    labels = data.tokens.masked_fill(data.tokens == vocab, -100)
+    inputs = dict(input_ids=data.tokens, pixel_values=data.pixels, cross_attention_mask=data.hf_cross_mask,
+                  aspect_ratio_ids=torch.full((batch, 1), _ASPECT_ID, device=device),
+                  aspect_ratio_mask=torch.ones(batch, 1, 4, dtype=torch.long, device=device), labels=labels)
+    return _step_fn(lambda: theirs(**inputs).loss, opt, device, losses)
 
-    hf_inputs = dict(input_ids=data.tokens, pixel_values=data.pixels, cross_attention_mask=data.hf_cross_mask,
-                     aspect_ratio_ids=torch.full((batch, 1), _ASPECT_ID, device=device),
-                     aspect_ratio_mask=torch.ones(batch, 1, 4, dtype=torch.long, device=device), labels=labels)
 
-    def hf_loss() -> torch.Tensor:
-        return theirs(**hf_inputs).loss
-
-    timed, peak = _measure("transformers", _step_fn(hf_loss, opt, device, losses), steps=steps, warmup=warmup,
-                           device=device)
-    results["transformers"] = (timed, peak, losses)
-    with tempfile.TemporaryDirectory(prefix="mm-llama-bench-mllama-") as tmp:
-        import_transformers().utils.logging.disable_progress_bar()
-        theirs.save_pretrained(tmp)
-        del theirs, opt
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        ours = load_multimodal(Path(tmp), dtype=torch.float32, device=device)
+def _our_step(ours: Any, data: Batch, labels: torch.Tensor, device: torch.device,
+              losses: list[float]) -> Callable[[], None]:
+    """One training step of ours on `data` with the trainer's loss (logits only at labelled positions)."""
     ours.set_trainable(["image.encoder", "image.fusion"])
     ours.decoder.tok_embeddings.media["image"].weight.requires_grad_(False)  # as transformers' frozen table
-    groups = ours.parameter_groups()
     opt = _optimizer([p for p in ours.parameters() if p.requires_grad])
     images = data.ours()
     logits_at = predicting_positions(labels)
 
     def our_loss() -> torch.Tensor:
-        logits = ours(data.tokens, images=images, logits_at=logits_at)
-        loss, units = selected_cross_entropy(logits, labels)
+        loss, units = selected_cross_entropy(ours(data.tokens, images=images, logits_at=logits_at), labels)
         return loss / units
 
-    losses = []
-    timed, peak = _measure("ours", _step_fn(our_loss, opt, device, losses), steps=steps, warmup=warmup,
-                           device=device)
-    results["ours"] = (timed, peak, losses)
+    return _step_fn(our_loss, opt, device, losses)
+
+
+def _load_ours(models: dict[str, Any], device: torch.device) -> Any:
+    """Our model holding the tensors of `models["transformers"]`, through its saved HF directory; on CUDA
+    transformers' model is dropped from `models` and freed before ours is loaded."""
+    with tempfile.TemporaryDirectory(prefix="mm-llama-bench-mllama-") as tmp:
+        import_transformers().utils.logging.disable_progress_bar()
+        models["transformers"].save_pretrained(tmp)
+        if device.type == "cuda":
+            del models["transformers"]
+            gc.collect()
+            torch.cuda.empty_cache()
+        return load_multimodal(Path(tmp), dtype=torch.float32, device=device)
+
+
+def compile_hf_layers(model: Any) -> int:
+    """`torch.compile` each of transformers' Mllama layers in place, as `train.compile` does ours: the
+    same per-block compilation on both sides. Returns the number compiled."""
+    kinds = ("MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer", "MllamaVisionEncoderLayer")
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def _compiled(model: Any, compile_fn: Callable[[Any], int]) -> Any:
+    compile_fn(model)
+    return model
+
+
+def bench_train(shape: str, *, batch: int, text_len: int, steps: int = 5, warmup: int = 1,
+                device: torch.device, seed: int = 0, compile: bool = False) -> TrainReport:
+    """Candidates `ours` and `transformers`, with `compile` also `ours+compile` (the trainer's
+    `train.compile`) and `transformers+compile` (its layers compiled the same way).
+
+    On CPU all models are built first and their steps alternate (drift in a shared CPU's load then falls on
+    all alike); on CUDA transformers' model runs eager then compiled, is freed, then ours does the same
+    (two 11B models do not fit). Compiling happens in the warmup steps.
+    """
+    for label, value, low in (("batch", batch, 1), ("text_len", text_len, 4), ("steps", steps, 1)):
+        if value < low:
+            raise ValueError(f"{label} must be >= {low}, got {value}")
+    if compile and warmup < 1:
+        raise ValueError("--compile needs at least one warmup step (it compiles)")
+    theirs = hf_mllama(shape, device, seed)
+    vocab = theirs.config.text_config.vocab_size
+    tile, patch = theirs.config.vision_config.image_size, theirs.config.vision_config.patch_size
+    data = make_batch(batch, text_len, vocab, tile, device, seed)
+    labels = data.tokens.masked_fill(data.tokens == vocab, -100)
+    names = ["ours", "transformers"] + (["ours+compile", "transformers+compile"] if compile else [])
+    losses: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, tuple[Timings, float | None, list[float]]] = {}
+
+    def hf(name: str, model: Any) -> Callable[[], None]:
+        return _hf_step(model, data, labels, device, losses[name])
+
+    def ours_step(name: str, model: Any) -> Callable[[], None]:
+        return _our_step(model, data, labels, device, losses[name])
+
+    models = {"transformers": theirs}
+    del theirs  # `models` holds the only reference, so _load_ours can free it on CUDA
+    if device.type == "cpu":
+        ours = _load_ours(models, device)
+        step_fns = {"ours": ours_step("ours", ours), "transformers": hf("transformers", models["transformers"])}
+        if compile:
+            step_fns["ours+compile"] = ours_step("ours+compile", _compiled(copy.deepcopy(ours), compile_blocks))
+            step_fns["transformers+compile"] = hf("transformers+compile",
+                                                  _compiled(copy.deepcopy(models["transformers"]), compile_hf_layers))
+        timed_all = time_alternating(step_fns, repeats=steps, warmup=warmup, device=device)
+        results = {name: (timed, None, losses[name]) for name, timed in timed_all.items()}
+    else:
+        def run(name: str, step: Callable[[], None]) -> None:
+            timed, peak = _measure(name, step, steps=steps, warmup=warmup, device=device)
+            results[name] = (timed, peak, losses[name])
+
+        run("transformers", hf("transformers", models["transformers"]))
+        if compile:
+            run("transformers+compile", hf("transformers+compile", _compiled(models["transformers"], compile_hf_layers)))
+        ours = _load_ours(models, device)
+        run("ours", ours_step("ours", ours))
+        if compile:
+            run("ours+compile", ours_step("ours+compile", _compiled(ours, compile_blocks)))
+    groups = ours.parameter_groups()
 
     count = {name: sum(p.numel() for p in params.values()) for name, params in groups.items()}
     n_lm, n_fusion, n_encoder = count.get("decoder", 0), count.get("image.fusion", 0), count.get("image.encoder", 0)
     image_tokens = 4 * ((tile // patch) ** 2 + 1)  # 4 tiles of patches + a class token each
     flops_per_token = 4 * n_lm + 6 * n_fusion + 6 * n_encoder * image_tokens / text_len
     peak_flops = peak_bf16_flops(device)
-    figures = []
-    for name in ("ours", "transformers"):
+    figures = {}
+    for name in names:
         timed, peak, run_losses = results[name]
         tok_s = batch * text_len / timed.median
-        figures.append(StepFigures(
+        figures[name] = StepFigures(
             name=name, step_s=timed.median, tokens_per_s=tok_s,
             mfu=tok_s * flops_per_token / peak_flops if peak_flops else None, peak_memory_gb=peak,
             spread=timed.spread, loss=run_losses[0],
-        ))
-    ours_f, theirs_f = figures
+        )
+    ours_f, theirs_f = figures["ours"], figures["transformers"]
+    ratios = {"transformers": ours_f.tokens_per_s / theirs_f.tokens_per_s}
+    if compile:
+        for baseline in ("transformers", "transformers+compile"):
+            ratios[f"ours+compile/{baseline}"] = figures["ours+compile"].tokens_per_s / figures[baseline].tokens_per_s
     return TrainReport(
         device=device_label(device), shape=shape, batch=batch, text_len=text_len, steps=steps,
         params_frozen_lm=n_lm, params_fusion=n_fusion, params_encoder=n_encoder, flops_per_token=flops_per_token,
-        flops_formula=FLOPS_FORMULA, candidates=figures,
-        ratios={"transformers": ours_f.tokens_per_s / theirs_f.tokens_per_s},
+        flops_formula=FLOPS_FORMULA, candidates=list(figures.values()), ratios=ratios,
         memory_ratio=(ours_f.peak_memory_gb / theirs_f.peak_memory_gb
                       if ours_f.peak_memory_gb and theirs_f.peak_memory_gb else None),
     )

@@ -35,3 +35,20 @@ def test_bench_train_tiny_prints_every_figure_against_transformers(capsys: pytes
 def test_bad_sizes_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "train", "--steps", "0", "--device", "cpu"]) == 2
     assert "steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_train_compile_adds_both_compiled_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    """~40 s on 2 CPU cores (inductor compiles both models' blocks). Compiled rows start from the same weights."""
+    assert main(["bench", "train", "--shape", "tiny", "--batch", "2", "--text-len", "32", "--steps", "1",
+                 "--device", "cpu", "--compile", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    by_name = {c["name"]: c for c in report["candidates"]}
+    assert list(by_name) == ["ours", "transformers", "ours+compile", "transformers+compile"]
+    for name in ("ours+compile", "transformers+compile"):
+        assert by_name[name]["loss"] == pytest.approx(by_name["ours"]["loss"], abs=1e-4)
+    for baseline in ("transformers", "transformers+compile"):
+        assert report["ratios"][f"ours+compile/{baseline}"] == pytest.approx(
+            by_name["ours+compile"]["tokens_per_s"] / by_name[baseline]["tokens_per_s"])
+        assert any(line.startswith(f"  ours+compile/{baseline}: tok/s") for line in lines)
