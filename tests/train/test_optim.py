@@ -161,3 +161,23 @@ def test_constant_schedule_and_no_warmup() -> None:
         sched.step()
     with pytest.raises(ValueError, match="positive total_steps"):
         build_scheduler(opt, ScheduleConfig())
+
+
+def test_cpu_optimizer_is_fused_and_steps_like_the_reference_adamw() -> None:
+    model = tiny_model()
+    opt = build_optimizer(model, OptimConfig(lr={"image.encoder": 1e-4, "image.fusion": 1e-3}, weight_decay=0.1))
+    assert all(g["fused"] for g in opt.param_groups)
+    reference = torch.optim.AdamW(
+        [{k: v if k != "params" else [p.detach().clone() for p in v] for k, v in g.items() if k != "fused"}
+         for g in opt.param_groups], foreach=False)
+    for step in range(3):
+        torch.manual_seed(step)
+        for g, ref_g in zip(opt.param_groups, reference.param_groups):
+            for p, ref in zip(g["params"], ref_g["params"]):
+                p.grad = torch.randn_like(p)
+                ref.grad = p.grad.clone()
+        opt.step()
+        reference.step()
+    for g, ref_g in zip(opt.param_groups, reference.param_groups):
+        for p, ref in zip(g["params"], ref_g["params"]):
+            torch.testing.assert_close(p.detach(), ref, atol=1e-6, rtol=1e-6)
