@@ -66,7 +66,7 @@ def print_report(r: TrainReport) -> None:
     for c in r.candidates:
         mfu = f"MFU {100 * c.mfu:5.1f}%" if c.mfu is not None else "MFU n/a (no peak known for this device)"
         mem = f"peak {c.peak_memory_gb:,.1f} GB" if c.peak_memory_gb is not None else "peak memory n/a on CPU"
-        print(f"  {c.name:<14} {1000 * c.step_s:9.1f} ms/step {c.tokens_per_s:12,.0f} tok/s  {mfu}  {mem}  "
+        print(f"  {c.name:<20} {1000 * c.step_s:9.1f} ms/step {c.tokens_per_s:12,.0f} tok/s  {mfu}  {mem}  "
               f"spread {100 * c.spread:3.0f}%  first loss {c.loss:.4f}", file=out)
     line = f"  ours/transformers: tok/s {r.ratios['transformers']:.2f}x"
     if r.memory_ratio is not None:
