@@ -1,7 +1,7 @@
 """`ContrastiveModel`: a ViT backbone scored against a frozen Llama LM's caption features (LiT-style),
 what `image_encoder_pretrain` trains (the stage itself is `mm_llama.train.contrastive`).
 
-    image:  tiles → backbone → pooled token (CLS, or mean of patch tokens) → mean over an image's tiles
+    image:  tiles → backbone → pooled token (CLS, or mean / max of patch tokens) → mean over an image's tiles
             → Linear(width → d) → L2-normalise                                        `[B, d]`
     text:   BOS + caption tokens → frozen LM final-norm hidden states → mean over the caption tokens
             → standardise per feature (BatchNorm, no affine) → Linear(dim → d) → L2-normalise   `[B, d]`
@@ -36,12 +36,18 @@ from mm_llama.trainable import train_only
 ENCODER_GROUP = "image.encoder"  # the backbone, named as in the adapter stages that start from it
 HEADS_GROUP = "contrastive"  # the two projections and the logit scale
 DECODER_GROUP = "decoder"  # the frozen LM
+POOLS = ("cls", "mean", "max")
+"""How a tile's tokens become one vector: the class token, the mean of the patch tokens, or their
+per-feature max. With `max` each feature's gradient reaches only the token holding its largest value, so
+a small object's tokens learn what it is without an average over the background diluting it (issue 12:
+after 200 steps on glyph captions a linear probe reads held-out identity at 70.7 % with `max`, 46.7 %
+with `cls`; conv stem without its linear path, encoder lr 1e-3)."""
 
 
 @dataclass(frozen=True)
 class ContrastiveSettings:
     """`model.contrastive` of a recipe: `embed_dim` (default: the smaller of the ViT width and the LM dim),
-    `pool` (`cls` or `mean`), `init_temperature`, `max_logit_scale` (CLIP's clamp)."""
+    `pool` (one of `POOLS`), `init_temperature`, `max_logit_scale` (CLIP's clamp)."""
 
     embed_dim: int | None = None
     pool: str = "cls"
@@ -49,8 +55,8 @@ class ContrastiveSettings:
     max_logit_scale: float = 100.0
 
     def __post_init__(self) -> None:
-        if self.pool not in ("cls", "mean"):
-            raise ValueError(f"model.contrastive.pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"model.contrastive.pool must be one of {list(POOLS)}, got {self.pool!r}")
         if self.embed_dim is not None and self.embed_dim < 1:
             raise ValueError(f"model.contrastive.embed_dim must be > 0, got {self.embed_dim}")
         if not 0 < self.init_temperature:
@@ -133,7 +139,9 @@ class ContrastiveModel(nn.Module):
         if not bool(tile_mask.any(dim=1).all()):
             raise ValueError("every contrastive sample needs an image (a row has no real tile)")
         feats = self.encoder.forward_features(pixels[tile_mask])  # [R, S, W]
-        pooled = feats[:, 0] if self.settings.pool == "cls" else feats[:, self.num_prefix_tokens:].mean(dim=1)
+        patches = feats[:, self.num_prefix_tokens:]
+        pool = self.settings.pool
+        pooled = feats[:, 0] if pool == "cls" else patches.mean(dim=1) if pool == "mean" else patches.amax(dim=1)
         counts = tile_mask.sum(dim=1)  # [B]
         owner = torch.repeat_interleave(torch.arange(len(counts), device=pooled.device), counts)
         per_image = torch.zeros(len(counts), pooled.shape[-1], device=pooled.device, dtype=pooled.dtype)

@@ -96,6 +96,8 @@ class TimmEncoderConfig:
     stem plus the linear projection of the raw patches (`encoders/conv_stem.py`): one 3×3 convolution per
     entry, the token grid being the tile side over the product of the strides (a `patch_size` in
     `timm_kwargs` must equal that product). Empty (the default): timm's linear patch embedding.
+    `stem_pixel_path`: with a stem, also add the linear projection of the raw patches (keeps a tile's
+    absolute colour, which the stem's per-tile norms remove); false: the stem's tokens alone.
     """
 
     model_name: str = "vit_huge_patch14_clip_336"
@@ -111,10 +113,13 @@ class TimmEncoderConfig:
     stem_channels: tuple[int, ...] = ()
     stem_strides: tuple[int, ...] = ()
     stem_norm: str = "instance"
+    stem_pixel_path: bool = True
 
     def __post_init__(self) -> None:
         self.taps = tuple(self.taps)
         self.stem_channels, self.stem_strides = tuple(self.stem_channels), tuple(self.stem_strides)
+        if not isinstance(self.stem_pixel_path, bool):
+            raise ValueError(f"stem_pixel_path must be true or false, got {self.stem_pixel_path!r}")
         if self.stem_channels or self.stem_strides:
             check_conv_stem(self.stem_channels, self.stem_strides, self.stem_norm, self.tile_size,
                             self.timm_kwargs.get("patch_size"))
@@ -370,7 +375,8 @@ def _build_backbone(cfg: TimmEncoderConfig) -> nn.Module:
     kwargs["img_size"] = cfg.tile_size
     if cfg.stem_channels:
         kwargs["patch_size"] = 1
-        kwargs["embed_layer"] = conv_stem_embed_layer(cfg.stem_channels, cfg.stem_strides, cfg.stem_norm)
+        kwargs["embed_layer"] = conv_stem_embed_layer(cfg.stem_channels, cfg.stem_strides, cfg.stem_norm,
+                                                      cfg.stem_pixel_path)
     try:
         backbone = timm.create_model(cfg.model_name, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as err:

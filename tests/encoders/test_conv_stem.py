@@ -48,6 +48,23 @@ def test_token_grid_is_the_tile_over_the_total_stride(patch_size: int | None) ->
     assert (embed.pixel_proj.kernel_size, embed.pixel_proj.stride) == ((8, 8), (8, 8))  # raw patches, colour kept
 
 
+def test_without_the_pixel_path_the_tokens_are_the_stem_alone() -> None:
+    """`stem_pixel_path=False`: no raw-patch projection, and the tokens are what the stem (and its 1×1
+    projection) gives; with it, the same stem's tokens plus the raw patches' projection."""
+    torch.manual_seed(0)
+    with_path = TimmTiledEncoder(stem_config()).backbone.patch_embed
+    without = TimmTiledEncoder(stem_config(stem_pixel_path=False)).backbone.patch_embed
+    assert without.pixel_proj is None
+    assert not any("pixel_proj" in k for k in without.state_dict())
+    without.load_state_dict({k: v for k, v in with_path.state_dict().items() if "pixel_proj" not in k})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stem_tokens = with_path.proj(with_path.backbone(x)).flatten(2).transpose(1, 2)  # [B, 16, 32]
+        raw = with_path.pixel_proj(x).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(without(x), stem_tokens)
+        torch.testing.assert_close(with_path(x), stem_tokens + raw)
+
+
 def test_an_image_encodes_the_same_alone_and_in_a_batch_while_training() -> None:
     """The stem's norm is per image (no batch statistics): in train mode, an image's tokens do not
     depend on the other images of its batch, as with the linear patch embedding."""
@@ -86,6 +103,7 @@ def test_stem_weights_round_trip_through_weights_file(tmp_path: Path) -> None:
         (dict(stem_strides=(2, 2)), r"stem_channels \[8, 16, 32\] and stem_strides \[2, 2\] must be"),
         (dict(stem_channels=(8, 0, 32)), r"positive integers, got bad values \[0\]"),
         (dict(stem_strides=(2, 2, 3)), r"total stride 12 .* does not divide tile_size 32"),
+        (dict(stem_pixel_path="no"), r"stem_pixel_path must be true or false, got 'no'"),
         (dict(stem_norm="batch"), r"stem_norm must be one of \['group', 'instance', 'layer'\], got 'batch'"),
         (dict(timm_kwargs=dict(embed_dim=32, depth=2, num_heads=4, patch_size=16)),
          r"patch_size'\]=16 disagrees with the conv stem: its strides \[2, 2, 2\] make tokens of 8 px"),

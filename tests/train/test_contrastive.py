@@ -3,8 +3,10 @@ the exported backbone loads as `TimmEncoderConfig(weights=…)` / `model.encoder
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -78,9 +80,9 @@ def test_settings_are_validated(assets: Assets, tmp_path: Path) -> None:  # noqa
     with pytest.raises(ValueError, match="model.contrastive.temperature"):
         ContrastiveSettings.from_dict({"temperature": 0.1})
     with pytest.raises(ValueError, match="pool"):
-        ContrastiveSettings(pool="max")
-    bad = load_recipe("tiny_image_encoder_pretrain", _overrides(assets, steps=1) + ["model.contrastive.pool=max"])
-    with pytest.raises(RecipeError, match="model.contrastive.pool must be 'cls' or 'mean', got 'max'"):
+        ContrastiveSettings(pool="attention")
+    bad = load_recipe("tiny_image_encoder_pretrain", _overrides(assets, steps=1) + ["model.contrastive.pool=sum"])
+    with pytest.raises(RecipeError, match=r"model.contrastive.pool must be one of \['cls', 'mean', 'max'\], got 'sum'"):
         run_training(bad, tmp_path / "bad")
     cfg = load_recipe("tiny_image_encoder_pretrain", _overrides(assets, steps=1, model__encoder="mllama",
                                                                 model__vision={}))
@@ -106,3 +108,26 @@ def test_text_features_are_standardised_so_a_shared_component_cannot_collapse_th
     assert (raw_offset @ raw_offset.T)[off_diagonal].mean() > 0.9  # without it: nearly one direction
     assert (plain @ plain.T)[off_diagonal].abs().mean() < 0.5
     assert not list(model.text_norm.buffers())  # batch statistics only: nothing outside the checkpoint
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "max"])
+def test_image_embedding_pools_the_backbone_tokens_as_named(run, pool: str) -> None:
+    """`pool` picks the class token, the mean or the per-feature max of the patch tokens, before the
+    projection: recomputed here from the backbone's own tokens."""
+    result, cfg = run
+    model = result.model.eval()
+    tile = cfg.model.vision["tile_size"]
+    torch.manual_seed(0)
+    pixels = torch.randn(3, 1, 1, 3, tile, tile)
+    images = SimpleNamespace(pixels=pixels, tile_mask=torch.ones(3, 1, 1, dtype=torch.bool))
+    saved = model.settings
+    try:
+        model.settings = dataclasses.replace(saved, pool=pool)
+        with torch.no_grad():
+            feats = model.encoder.forward_features(pixels[:, 0, 0])  # [B, 1 + P, W]
+            patches = feats[:, model.num_prefix_tokens:]
+            pooled = {"cls": feats[:, 0], "mean": patches.mean(dim=1), "max": patches.max(dim=1).values}[pool]
+            expected = torch.nn.functional.normalize(model.image_proj(pooled), dim=-1)
+            torch.testing.assert_close(model.encode_images(images), expected)
+    finally:
+        model.settings = saved
