@@ -56,9 +56,12 @@ CORPUS = [
 
 @lru_cache(maxsize=None)
 def tokenizer_dir() -> Path:
+    import atexit
+    import shutil
     import tempfile
 
     out = Path(tempfile.mkdtemp(prefix="mm-llama-test-tok-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # cached for the session, removed at its end
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train_llama3_tokenizer(CORPUS * 4, 300, out)
