@@ -1,4 +1,5 @@
 # Set-up is idempotent: the venv is built once, and rebuilt only when the lock or pyproject.toml changes.
+# --no-cache-dir: the torch family is ~5 GB installed; a second copy in pip's wheel cache can fill a small CI disk.
 # Every package comes from requirements.lock (exact versions and hashes), so a new release on the registry
 # cannot change what a fresh machine installs.
 PYTHON ?= python3
@@ -15,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-cache-dir --no-deps --require-hashes -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	touch $(STAMP)
