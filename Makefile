@@ -1,7 +1,7 @@
 # Set-up is idempotent: the venv is built once, and rebuilt only when the lock or pyproject.toml changes.
-# --no-cache-dir: the torch family is ~5 GB installed; a second copy in pip's wheel cache can fill a small CI disk.
 # Every package comes from requirements.lock (exact versions and hashes), so a new release on the registry
 # cannot change what a fresh machine installs.
+# --no-cache-dir: the torch family is ~5 GB installed; a second copy in pip's wheel cache can fill a small CI disk.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
