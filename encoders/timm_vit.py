@@ -55,7 +55,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from mm_llama.attention import attend
-from mm_llama.encoders.conv_stem import check_conv_stem, conv_stem_embed_layer
+from mm_llama.encoders.conv_stem import check_conv_stem, conv_stem_embed_layer, pixel_path_name
 from mm_llama.encoders.base import TiledImageEncoder
 from mm_llama.encoders.tiling import num_aspect_ratio_ids
 
@@ -96,8 +96,9 @@ class TimmEncoderConfig:
     stem plus the linear projection of the raw patches (`encoders/conv_stem.py`): one 3×3 convolution per
     entry, the token grid being the tile side over the product of the strides (a `patch_size` in
     `timm_kwargs` must equal that product). Empty (the default): timm's linear patch embedding.
-    `stem_pixel_path`: with a stem, also add the linear projection of the raw patches (keeps a tile's
-    absolute colour, which the stem's per-tile norms remove); false: the stem's tokens alone.
+    `stem_pixel_path`: with a stem, what is added to its tokens (`conv_stem.PIXEL_PATHS`): true or ``patch``,
+    the linear projection of the raw patches (keeps a tile's absolute colour, which the stem's per-tile norms
+    remove); ``mean``, a projection of each patch's mean colour only; false or ``none``: the stem's tokens alone.
     """
 
     model_name: str = "vit_huge_patch14_clip_336"
@@ -113,13 +114,12 @@ class TimmEncoderConfig:
     stem_channels: tuple[int, ...] = ()
     stem_strides: tuple[int, ...] = ()
     stem_norm: str = "instance"
-    stem_pixel_path: bool = True
+    stem_pixel_path: bool | str = True
 
     def __post_init__(self) -> None:
         self.taps = tuple(self.taps)
         self.stem_channels, self.stem_strides = tuple(self.stem_channels), tuple(self.stem_strides)
-        if not isinstance(self.stem_pixel_path, bool):
-            raise ValueError(f"stem_pixel_path must be true or false, got {self.stem_pixel_path!r}")
+        pixel_path_name(self.stem_pixel_path)  # raises on a bad value
         if self.stem_channels or self.stem_strides:
             check_conv_stem(self.stem_channels, self.stem_strides, self.stem_norm, self.tile_size,
                             self.timm_kwargs.get("patch_size"))

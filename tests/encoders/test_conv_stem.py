@@ -65,6 +65,21 @@ def test_without_the_pixel_path_the_tokens_are_the_stem_alone() -> None:
         torch.testing.assert_close(with_path(x), stem_tokens + raw)
 
 
+def test_the_mean_path_adds_each_patchs_mean_colour_only() -> None:
+    """`stem_pixel_path="mean"`: the stem's tokens plus a linear map of the mean RGB under each token (the
+    mean computed here by reshaping the tile into its 8 × 8 patches), so two patches with the same mean colour
+    but other pixels get the same addition."""
+    torch.manual_seed(0)
+    embed = TimmTiledEncoder(stem_config(stem_pixel_path="mean")).backbone.patch_embed
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stem_tokens = embed.proj(embed.backbone(x)).flatten(2).transpose(1, 2)  # [B, 16, 32]
+        means = x.reshape(2, 3, 4, 8, 4, 8).mean(dim=(3, 5)).flatten(2).transpose(1, 2)  # [B, 16, 3]
+        weight, bias = embed.pixel_proj[1].weight[:, :, 0, 0], embed.pixel_proj[1].bias  # [32, 3], [32]
+        torch.testing.assert_close(embed(x), stem_tokens + means @ weight.T + bias)
+    assert sum(p.numel() for p in embed.pixel_proj.parameters()) == 3 * 32 + 32
+
+
 def test_an_image_encodes_the_same_alone_and_in_a_batch_while_training() -> None:
     """The stem's norm is per image (no batch statistics): in train mode, an image's tokens do not
     depend on the other images of its batch, as with the linear patch embedding."""
@@ -103,7 +118,7 @@ def test_stem_weights_round_trip_through_weights_file(tmp_path: Path) -> None:
         (dict(stem_strides=(2, 2)), r"stem_channels \[8, 16, 32\] and stem_strides \[2, 2\] must be"),
         (dict(stem_channels=(8, 0, 32)), r"positive integers, got bad values \[0\]"),
         (dict(stem_strides=(2, 2, 3)), r"total stride 12 .* does not divide tile_size 32"),
-        (dict(stem_pixel_path="no"), r"stem_pixel_path must be true or false, got 'no'"),
+        (dict(stem_pixel_path="no"), r"stem_pixel_path must be true, false or one of \['patch', 'mean', 'none'\], got 'no'"),
         (dict(stem_norm="batch"), r"stem_norm must be one of \['group', 'instance', 'layer'\], got 'batch'"),
         (dict(timm_kwargs=dict(embed_dim=32, depth=2, num_heads=4, patch_size=16)),
          r"patch_size'\]=16 disagrees with the conv stem: its strides \[2, 2, 2\] make tokens of 8 px"),
