@@ -1,5 +1,5 @@
 """The speech path learns (issue 14): a tiny Conformer + speech adapter, trained with `tiny_speech_sft` on
-24 espeak utterances onto a frozen tiny LM that has read their transcripts, transcribes them with WER 0;
+a dozen espeak utterances onto a frozen tiny LM that has read their transcripts, transcribes them with WER 0;
 with the audio replaced by silence the same model is far off (it can only guess a transcript); each
 utterance decodes to the same transcript alone as padded in a batch of longer ones."""
 
@@ -46,7 +46,7 @@ def _args(values: dict[str, object]) -> list[str]:
 
 @pytest.mark.slow
 def test_tiny_speech_sft_transcribes_its_training_utterances(tmp_path: Path) -> None:
-    write_synth("speech", tmp_path / "data", n=24, seed=0, split="train")
+    write_synth("speech", tmp_path / "data", n=12, seed=0, split="train")
     shards = str(tmp_path / "data" / "speech" / "train-*.tar")
     texts = _transcripts(next((tmp_path / "data" / "speech").glob("*.tar")))
     with warnings.catch_warnings():
@@ -56,15 +56,17 @@ def test_tiny_speech_sft_transcribes_its_training_utterances(tmp_path: Path) -> 
     common = {"logging.progress": False, "logging.tensorboard": False, "train.device": "cpu", "data.batch_size": 8}
     run_training(load_recipe("tiny_lm_pretrain", _args({
         **common, "data.shards": [str(tmp_path / "lm-text.tar")], "data.tokenizer": str(tmp_path / "tok"),
-        "data.options.allow_special": True, "model.text.max_seq_len": 512, "train.steps": 300})), tmp_path / "lm")
+        "data.options.allow_special": True, "model.text.max_seq_len": 512, "train.steps": 100})), tmp_path / "lm")
     run_training(load_recipe("tiny_speech_sft", _args({
-        **common, "model.base_lm": str(tmp_path / "lm"), "data.shards": [shards], "train.steps": 400,
-        "optim.lr": 2e-3})), tmp_path / "sft")
+        **common, "model.base_lm": str(tmp_path / "lm"), "data.shards": [shards], "data.batch_size": 4,
+        "train.steps": 400, "optim.lr": 2e-3})), tmp_path / "sft")
     model, tok = load_image_model(tmp_path / "sft", dtype="float32", device="cpu")
     heard = evaluate_speech(model, tok, shards, "asr", max_new_tokens=80, progress=False)
     silence = evaluate_speech(model, tok, shards, "asr", max_new_tokens=80, progress=False, blank_audio=True)
-    assert heard.counts["samples"] == 24
+    assert heard.counts["samples"] == 12
     print(f"WER on the training utterances {heard.metrics['wer']:.3f}, with silence {silence.metrics['wer']:.3f}")
+    # Measured (2026-12-05, CPU): WER 0 for model seeds 0 and 1 and another data seed, silence 0.97-1.47;
+    # at lr 1e-3, or with 300 steps, one of three seeds keeps one utterance wrong.
     assert heard.metrics["wer"] == 0.0, [r for r in heard.records if r["prediction"] != r["reference"]]
     assert silence.metrics["wer"] > 0.5
     # batch invariance of the greedy transcript: each utterance alone gives what it gave padded in a batch of 8

@@ -1,5 +1,5 @@
 """The video path learns (issue 15): `tiny_video_pretrain` (only the perceiver and the video blocks train;
-the image encoder is frozen and random here) fits two dozen moving-shapes clips onto a frozen tiny LM that
+the image encoder is frozen and random here) fits a dozen moving-shapes clips onto a frozen tiny LM that
 has read questions and answers about other clips (so it knows the wording, not these clips' answers): every
 direction-of-motion answer and most answers overall are right on them."""
 
@@ -56,8 +56,8 @@ def _by_type(result, types: tuple[str, ...]) -> float:
 
 
 @pytest.mark.slow
-def test_tiny_video_pretrain_overfits_two_dozen_clips(tmp_path: Path) -> None:
-    write_synth("moving-shapes", tmp_path / "data", n=24, seed=0, split="train")
+def test_tiny_video_pretrain_overfits_a_dozen_clips(tmp_path: Path) -> None:
+    write_synth("moving-shapes", tmp_path / "data", n=12, seed=0, split="train")
     write_synth("moving-shapes", tmp_path / "other", n=96, seed=0, split="val")
     # the LM reads questions and answers about OTHER clips: it knows the wording and the answers' vocabulary,
     # not which answer goes with these clips' questions (that would leave nothing for the video to supply)
@@ -77,7 +77,7 @@ def test_tiny_video_pretrain_overfits_two_dozen_clips(tmp_path: Path) -> None:
         **common, "model.base_lm": str(tmp_path / "lm"), "model.init_from": None,  # a random image encoder, frozen
         "data.shards": [qa], "data.batch_size": 8,
         "data.num_frames": 4, "model.video": {"aggregator": {"preset": "tiny", "group_size": 4}},
-        "optim.lr": 4e-3, "train.steps": 900})), tmp_path / "video")
+        "optim.lr": 4e-3, "train.steps": 400})), tmp_path / "video")
     model, tok = load_image_model(tmp_path / "video", dtype="float32", device="cpu")
     seen = evaluate_video(model, tok, qa, "video_qa", num_frames=4, question_style="short", progress=False)
     frozen = evaluate_video(model, tok, qa, "video_qa", num_frames=4, question_style="short", progress=False,
@@ -85,13 +85,14 @@ def test_tiny_video_pretrain_overfits_two_dozen_clips(tmp_path: Path) -> None:
     print(f"accuracy on the training clips {seen.metrics['vqa_accuracy']:.3f}, frozen frames "
           f"{frozen.metrics['vqa_accuracy']:.3f}; by type {json.dumps(seen.by_type)}")
     print(f"colour change {_by_type(seen, CHANGE):.3f}, frozen frames {_by_type(frozen, CHANGE):.3f}")
-    # Measured (2026-12-04, one thread): 900 steps at lr 4e-3 get every direction answer (11 of 11) and 82.5 %
-    # overall (majority 46 %); 1,500 steps at the recipe's 2e-3: 11 of 11, 96.5 %; 600 steps at 2e-3: 73-100 %
-    # direction, 75 % overall (fitting two dozen clips through a random frozen encoder is slow, not impossible).
+    # Measured (2026-12-05, CPU): 12 clips, 400 steps at lr 4e-3 get every direction answer (5 or 6 of 5-6) and
+    # 80-100 % overall (majority 46 %) for model seeds 0-5 and two other data seeds; 300 steps miss one direction
+    # answer on 2 of 8 seeds. Two dozen clips took 900 steps for the same (11 of 11, 82.5 %): fitting clips through
+    # a random frozen encoder is slow, not impossible.
     # Frozen frames are no control on training clips: the first frame identifies the clip, and a fitted model
     # answers from that; that the video path reads change over time is measured held out (README: turn
     # 42.5 % against 4.6 % frozen).
     direction = [r for r in seen.records if r["type"] == "direction"]
-    assert len(direction) >= 10
+    assert len(direction) >= 4
     assert all(r["score"] == 1.0 for r in direction), direction
     assert seen.metrics["vqa_accuracy"] >= 0.75
