@@ -1,100 +1,89 @@
-"""The demo report from hand-made evaluation results: escaping, images from shards, the metric rows."""
+"""The demo report's entry point: metrics.json for any subset of modalities, the page, the table."""
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
+import re
 from pathlib import Path
 
 import pytest
 
-from mm_llama.train.evaluation import EvalResult, write_result
-from mm_llama.train.report import format_table, loss_points, metric_rows, summarize, write_report
-
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _png() -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4), (255, 0, 0)).save(buf, format="PNG")
-    return buf.getvalue()
+from mm_llama.train.report import (
+    ImageEvals, SpeechEvals, VideoEvals, format_table, metric_rows, write_report,
+)
+from tests.train.report_helpers import INJECTION, image_evals, loss_run, speech_evals, video_evals
 
 
-def _shard(path: Path, members: dict[str, bytes]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
+@pytest.fixture(scope="module")
+def evals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ImageEvals | VideoEvals | SpeechEvals]:
+    root = tmp_path_factory.mktemp("evals")
+    return {"image": image_evals(root, n=2), "video": video_evals(root, n=2), "speech": speech_evals(root, n=3)}
 
 
-@pytest.fixture()
-def evals(tmp_path: Path) -> dict[str, Path]:
-    cap_shard = _shard(tmp_path / "cap.tar", {"img0.png": _png()})
-    qa_shard = str(tmp_path / "qa.tar")  # never opened: the records carry the image's key
-    vqa_records = [
-        {"key": "img0-q0", "shard": qa_shard, "image_key": "img0", "question": "Is <b> & \"x\" red?",
-         "type": "colour", "prediction": "<script>alert(1)</script>", "references": ["yes"], "score": 0.0,
-         "exact_match": 0.0},
-        {"key": "img0-q1", "shard": qa_shard, "image_key": "img0", "question": "How many?", "type": "count",
-         "prediction": "2", "references": ["2"], "score": 1.0, "exact_match": 1.0},
-    ]
-    by_type = {"colour": {"samples": 1, "vqa_accuracy": 0.0, "majority_baseline": 1.0, "majority_answer": "yes"},
-               "count": {"samples": 1, "vqa_accuracy": 1.0, "majority_baseline": 1.0, "majority_answer": "2"}}
-    vqa = EvalResult("vqa", {"vqa_accuracy": 0.5, "exact_match": 0.5, "majority_baseline": 1.0}, {"samples": 2},
-                     {"blank_images": False}, vqa_records, [], by_type)
-    blank_vqa = EvalResult("vqa", {"vqa_accuracy": 0.0, "exact_match": 0.0, "majority_baseline": 1.0},
-                           {"samples": 2}, {"blank_images": True},
-                           [{**r, "prediction": "grey & co", "score": 0.0} for r in vqa_records], [],
-                           {k: {**v, "vqa_accuracy": 0.0} for k, v in by_type.items()})
-    cap_record = {"key": "img0", "shard": cap_shard, "prompt": "Describe.", "prediction": "A <red> square & more",
-                  "references": ["A red square."], "cider": 1.5, "exact_match": 0.0}
-    caption = EvalResult("caption", {"cider": 1.5, "exact_match": 0.0}, {"samples": 1}, {}, [cap_record])
-    blank_caption = EvalResult("caption", {"cider": 0.25, "exact_match": 0.0}, {"samples": 1}, {},
-                               [{**cap_record, "prediction": ""}])
-    out = {}
-    results = {"vqa": vqa, "vqa_blank": blank_vqa, "caption": caption, "caption_blank": blank_caption}
-    for name, result in results.items():
-        out[name] = write_result(result, tmp_path / f"{name}.json")
-    return out
-
-
-def test_report_escapes_text_and_embeds_the_shard_image(tmp_path: Path, evals: dict[str, Path]) -> None:
-    run = tmp_path / "lm"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 3.0}\n{"step": 10, "eval": {"loss": 2.0}}\n'
-                                       '{"step": 20, "loss": NaN}\n{"step": 30, "loss": 1.5}\n{"step": 4')
-    (run / "config.yaml").write_text("name: tiny_lm_pretrain\n")
-    report = write_report(tmp_path, **evals, runs={"lm": run}, stage_seconds={"data": 1.0, "lm": 2.5},
-                          settings={"train_images": 3}, report_images=5)
-    page = (tmp_path / "report.html").read_text()
-    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "Is &lt;b&gt; &amp; &quot;x&quot; red?" in page and "A &lt;red&gt; square &amp; more" in page
-    assert "grey &amp; co" in page and "(empty)" in page  # blank-image answers; an empty caption says so
-    assert page.count('<img src="data:image/png;base64,') == 2  # the test image and one loss curve
-    assert (tmp_path / "loss-lm.png").read_bytes()[:8] == PNG
-    assert loss_points(run / "metrics.jsonl") == [(10, 3.0), (30, 1.5)]
-    assert report["metrics"]["blank_caption_cider"] == 0.25 and report["total_seconds"] == 3.5
-    assert report["vqa_by_type"]["colour"]["blank_vqa_accuracy"] == 0.0
+def test_all_three_modalities(tmp_path: Path, evals: dict) -> None:
+    runs = {"lm": loss_run(tmp_path / "runs"), "video": loss_run(tmp_path / "runs", "video")}
+    report = write_report(tmp_path, **evals, runs=runs, stage_seconds={"data": 1.0, "lm": 2.5},
+                          settings={"modalities": ["image", "video", "speech"], "note": "<b>&"}, report_samples=2)
+    assert list(report) == ["image", "video", "speech", "stage_seconds", "total_seconds", "files", "settings",
+                            "loss_plots"]
     assert json.loads((tmp_path / "metrics.json").read_text()) == report
-    assert report["files"]["vqa"] == "vqa.json"
+    assert report["total_seconds"] == 3.5 and report["loss_plots"] == {"lm": "loss-lm.png", "video": "loss-video.png"}
+    assert not any(Path(rel).is_absolute() for files in report["files"].values() for rel in files.values())
+    assert all(Path(tmp_path, rel).resolve() == Path(getattr(evals[m], f)).resolve()
+               for m, files in report["files"].items() for f, rel in files.items())
+    assert report["speech"]["metrics"]["silence_words"] == 2 and report["video"]["motion"]["vqa_accuracy"] == 1.0
+    page = (tmp_path / "report.html").read_text()
+    assert re.findall(r"<h2>(\w+)", page) == ["Metrics", "Images", "Video", "Speech", "Training"]
+    media = {"still": 2, "clip": 2, "strip": 2, "curve": 2}
+    assert {cls: page.count(f'<img class="{cls}" src="data:image/') for cls in media} == media
+    assert page.count('<audio controls preload="metadata"') == 2 and page.count("<img ") == sum(media.values())
+    assert INJECTION not in page and "<b>&" not in page and "&lt;b&gt;&amp;" in page
+    for label, value in metric_rows(report):
+        assert f"<tr><td>{label}</td><td>{value}</td></tr>" in page  # labels and values hold no markup
+    labels = [label for label, _ in metric_rows(report)]
+    assert labels[0].startswith("VQA accuracy") and any(x.startswith("video QA") for x in labels)
+    assert any(x.startswith("ASR word error rate") for x in labels) and labels[-1] == "wall time: total"
 
 
-def test_metric_rows_and_table(evals: dict[str, Path]) -> None:
-    results = {k: json.loads(p.read_text()) for k, p in evals.items()}
-    report = {**summarize(**results), "stage_seconds": {"lm": 2.0}, "total_seconds": 2.0}
-    rows = dict(metric_rows(report))
-    assert rows["VQA accuracy (2 test questions)"] == "50.0%"
-    assert rows["majority-answer baseline (per question type)"] == "100.0%"
-    assert rows["VQA accuracy, blank images"] == "0.0%"
-    assert rows["caption CIDEr (1 test images)"] == "1.500" and rows["caption CIDEr, blank images"] == "0.250"
-    assert rows["VQA accuracy, type colour (1)"] == "0.0% (blank 0.0%, majority 100.0%)"
-    assert rows["wall time: lm"] == "2.0 s"
+def test_any_subset_of_modalities(tmp_path: Path, evals: dict) -> None:
+    report = write_report(tmp_path, speech=evals["speech"], runs={}, stage_seconds={}, settings={}, report_samples=1)
+    assert list(report) == ["speech", "stage_seconds", "total_seconds", "files", "settings", "loss_plots"]
+    page = (tmp_path / "report.html").read_text()
+    assert re.findall(r"<h2>(\w+)", page) == ["Metrics", "Speech", "Training"]
+    assert page.count("<audio ") == 1 and "<img " not in page and "(no training runs)" in page
     table = format_table(report).splitlines()
-    assert table[0].startswith("| metric") and len(table) == len(rows) + 2
-    with pytest.raises(ValueError, match="expected a vqa evaluation result"):
-        summarize(results["caption"], results["vqa_blank"], results["caption"], results["caption_blank"])
+    assert len(table) == 2 + 3 + 1 and table[2].startswith("| ASR word error rate (3 test utterances)")
+    video = write_report(tmp_path / "v", video=evals["video"], image=evals["image"], runs={}, stage_seconds={"a": 1},
+                         settings={}, report_samples=0)
+    assert list(video)[:2] == ["image", "video"] and "speech" not in video
+    page = (tmp_path / "v" / "report.html").read_text()
+    assert "<img " not in page and "0 clips shown" in page and "0 images shown" in page
+
+
+def test_metric_rows_of_a_hand_made_report() -> None:
+    report = {"video": {"metrics": {"vqa_accuracy": 0.5, "vqa_exact_match": 0.5, "majority_baseline": 0.25,
+                                    "frozen_vqa_accuracy": 0.125},
+                        "motion": {"types": [], "samples": 0, "vqa_accuracy": None, "frozen_vqa_accuracy": None,
+                                   "majority_baseline": None},
+                        "vqa_by_type": {}, "samples": {"questions": 8, "clips": 2}},
+              "stage_seconds": {"video": 2.0}, "total_seconds": 2.0}
+    assert metric_rows(report) == [
+        ("video QA accuracy (8 test questions, 2 clips)", "50.0%"),
+        ("video QA majority-answer baseline (per question type)", "25.0%"),
+        ("video QA accuracy, frozen frame", "12.5%"),
+        ("video QA accuracy, motion types (0)", "n/a (frozen n/a, majority n/a)"),
+        ("wall time: video", "2.0 s"), ("wall time: total", "2.0 s")]
+
+
+def test_bad_arguments_are_named(tmp_path: Path, evals: dict) -> None:
+    common = {"runs": {}, "stage_seconds": {}, "settings": {}, "report_samples": 1}
+    with pytest.raises(ValueError, match="at least one modality"):
+        write_report(tmp_path, **common)
+    with pytest.raises(TypeError, match=r"video= takes VideoEvals\(...\), got SpeechEvals"):
+        write_report(tmp_path, video=evals["speech"], **common)
+    with pytest.raises(ValueError, match="report_samples must be a non-negative integer, got -1"):
+        write_report(tmp_path, speech=evals["speech"], **{**common, "report_samples": -1})
+    swapped = SpeechEvals(asr=evals["video"].qa, asr_silence=evals["speech"].asr_silence)
+    with pytest.raises(ValueError, match="asr: expected a asr evaluation result .* got task 'video_qa'"):
+        write_report(tmp_path, speech=swapped, **common)
+    assert not (tmp_path / "metrics.json").exists()
