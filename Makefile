@@ -9,10 +9,12 @@ STAMP := $(VENV)/.mm-llama-installed
 # uv resolves the lock (`make lock`); it is a well-kept resolver that writes one universal, hashed file.
 UV_VERSION := 0.13.9
 LOCK_TOOLS := .lock-tools
+# Browsers the report's browser test accepts (tests/train/headless_chromium.py, BROWSERS).
+BROWSERS := chromium chromium-browser google-chrome
 
-.PHONY: install test demo lock clean
+.PHONY: install test demo lock clean chromium
 
-install: $(STAMP)
+install: $(STAMP) chromium
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +23,15 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Headless Chromium for tests/train/test_report_browser.py (every image, clip and utterance of the demo report
+# must load): Debian's package without its recommended extras, installed only when none of BROWSERS is on PATH.
+# apt-get needs root, as on a CI machine; elsewhere install one of them yourself.
+chromium:
+	@for b in $(BROWSERS); do command -v $$b >/dev/null && exit 0; done; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
 # The built-in default: synthetic data, tokenizer, tiny LM, contrastive ViT and image adapter trained from
 # scratch, evaluated on held-out images; writes runs/demo/report.html and runs/demo/metrics.json.
