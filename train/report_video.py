@@ -96,7 +96,7 @@ def metric_rows(part: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``(label, value)`` metric-table rows of the ``video`` part of metrics.json."""
     m, n, motion = part["metrics"], part["samples"], part["motion"]
     rows = [
-        (f"video QA accuracy ({n['questions']} test questions, {n['clips']} clips)", pct(m["vqa_accuracy"])),
+        (f"video QA accuracy ({n['questions']} test questions, {n['clips']} clip{'' if n['clips'] == 1 else 's'})", pct(m["vqa_accuracy"])),
         ("video QA majority-answer baseline (per question type)", pct(m["majority_baseline"])),
         ("video QA accuracy, frozen frame", pct(m["frozen_vqa_accuracy"])),
         (f"video QA accuracy, motion types ({motion['samples']})",

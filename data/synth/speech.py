@@ -183,6 +183,12 @@ class SpeechSample:
         return {"speech": [(self.key, {"flac": self.flac, "json": js})]}
 
 
+def speech_transcript(seed: int, split: str, index: int) -> str:
+    """The transcript of sample ``index`` for ``(seed, split)``, without synthesising its audio (the same
+    text `make_speech_sample` speaks: the utterance is the sample's first draw)."""
+    return draw_in_split(random_utterance, _describe, sample_rng(KIND, seed, split, index), split).text
+
+
 def make_speech_sample(seed: int, split: str, index: int, *, noise_prob: float = 0.0) -> SpeechSample:
     """Sample ``index`` of the ``speech`` kind for ``(seed, split)``."""
     if not 0.0 <= noise_prob <= 1.0:

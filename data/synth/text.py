@@ -55,6 +55,7 @@ CORPUS = "corpus"
 """Key of `text_records`' result holding each document's plain form for the corpus file (not a shard
 layout: `write_synth` appends it to ``OUTDIR/text/{split}-corpus.txt``)."""
 
+SYSTEM_HEADER = "<|start_header_id|>system<|end_header_id|>\n\n"
 USER_HEADER = "<|start_header_id|>user<|end_header_id|>\n\n"
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 EOT = "<|eot_id|>"
@@ -72,11 +73,14 @@ _DIGIT_LINES = (
 _DIGIT_CHAT = _DIGIT_LINES[1]  # the one digit line that is a question/answer exchange
 
 
-def chat_turn(question: str, answer: str) -> str:
+def chat_turn(question: str, answer: str, system: str | None = None) -> str:
     """One Llama 3 user/assistant exchange in special-token text, laid out as `prompt_ids` + the response:
     ``<|start_header_id|>user<|end_header_id|>\\n\\n{question}<|eot_id|>``
-    ``<|start_header_id|>assistant<|end_header_id|>\\n\\n{answer}<|eot_id|>`` (one string, no newline between)."""
-    return f"{USER_HEADER}{question.strip()}{EOT}{ASSISTANT_HEADER}{answer.strip()}{EOT}"
+    ``<|start_header_id|>assistant<|end_header_id|>\\n\\n{answer}<|eot_id|>`` (one string, no newline between),
+    after ``<|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>`` when ``system`` is given (the
+    ASR prompt: system "Repeat after me in English:", an empty user turn where the speech goes, the transcript)."""
+    head = f"{SYSTEM_HEADER}{system.strip()}{EOT}" if system is not None else ""
+    return f"{head}{USER_HEADER}{question.strip()}{EOT}{ASSISTANT_HEADER}{answer.strip()}{EOT}"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,97 @@
+"""The demo's data stages: synthetic shards per modality, the ASR exchanges the LM reads, and the
+documents its tokenizer learns from (`mm_llama.train.demo`).
+
+Folder layout under ``OUT/data`` is `write_synth`'s (one folder per layout, ``synth-KIND-SPLIT.json`` per
+kind and split), plus ``asr-text/train-*.tar``: each speech training transcript as the ASR exchange in
+special-token text (system "Repeat after me in English:", an empty user turn, the transcript), so the
+frozen LM has produced those answers after that prompt before the speech adapter asks it to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ASR_TEXT_LAYOUT", "DEMO_KINDS", "SPECIAL_TOKEN_TEXT", "asr_text_shards", "available_cores", "synth_shards",
+           "tokenizer_documents", "write_asr_text", "write_kind"]
+
+DEMO_KINDS: tuple[str, ...] = ("shapes", "text", "moving-shapes", "speech")
+"""The synthetic kinds the demo writes (the layouts of each are `write_synth`'s)."""
+ASR_TEXT_LAYOUT = "asr-text"
+SPECIAL_TOKEN_TEXT = re.compile(r"<\|[a-z_]+\|>")
+"""Special-token text (``<|eot_id|>``) in the chat-formatted text shards."""
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def write_kind(data: Path, kind: str, split: str, n: int, *, seed: int, samples_per_shard: int, progress: bool,
+               **options: Any) -> str:
+    """`write_synth` one kind and split into ``data`` (with a progress bar); a one-line count of what it wrote."""
+    from tqdm import tqdm
+
+    from mm_llama.data.synth import write_synth
+
+    with tqdm(total=n, desc=f"synth {kind} {split}", unit="sample", disable=not progress, dynamic_ncols=True) as bar:
+        summary = write_synth(kind, data, n=n, seed=seed, split=split, samples_per_shard=samples_per_shard,
+                              overwrite=True, workers=min(4, available_cores()) if n >= 64 else 1,  # no pool for a few
+                              progress=lambda done: bar.update(done - bar.n), **options)
+    return ", ".join(f"{layout.samples} {name} {split}" for name, layout in summary.layouts.items())
+
+
+def synth_shards(data: Path, layout: str, split: str) -> list[str]:
+    """The shard files `write_synth` wrote for ``layout`` / ``split`` (from its manifest); FileNotFoundError
+    when the data stage that writes them has not finished."""
+    from mm_llama.data.synth import summary_path
+    from mm_llama.data.synth.write import KINDS
+
+    kind = next(k for k in DEMO_KINDS if layout in KINDS[k].layouts)
+    manifest = summary_path(data, kind, split)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} is missing: the data stage of {kind} did not finish")
+    names = json.loads(manifest.read_text())["layouts"][layout]["shards"]
+    return [str(data / layout / name) for name in names]
+
+
+def asr_text_shards(data: Path) -> list[str]:
+    """The ASR exchange shards `write_asr_text` wrote (sorted)."""
+    return sorted(str(p) for p in (data / ASR_TEXT_LAYOUT).glob("train-*.tar"))
+
+
+def write_asr_text(data: Path, n: int, *, seed: int, samples_per_shard: int) -> str:
+    """Write the ASR exchanges of the first ``n`` speech training transcripts to ``data/asr-text``."""
+    from mm_llama.data.prompts import asr_system_prompt
+    from mm_llama.data.shard_writer import ShardWriter
+    from mm_llama.data.synth.speech import LANGUAGE, speech_transcript
+    from mm_llama.data.synth.splits import sample_key
+    from mm_llama.data.synth.text import chat_turn
+
+    system = asr_system_prompt(LANGUAGE)
+    with ShardWriter(data / ASR_TEXT_LAYOUT, prefix="train", samples_per_shard=samples_per_shard,
+                     overwrite=True) as writer:
+        for index in range(n):
+            text = chat_turn("", speech_transcript(seed, "train", index), system=system)
+            writer.write(sample_key("train", index), {"txt": text.encode("utf-8")})
+    return f"{n} ASR exchanges"
+
+
+def tokenizer_documents(data: Path, chat_shards: list[str], corpus: Path) -> list[str]:
+    """What the tokenizer learns from: the plain corpus, and the chat shards with their special-token text
+    cut out — answers then also occur right after a line break, as they do after the assistant header, so
+    BPE learns them as whole words ("red", not "r"+"ed") and one-word answers are single tokens."""
+    from mm_llama.data.packed_text import read_documents
+    from mm_llama.data.synth import read_corpus
+
+    documents = list(read_corpus(corpus))
+    for shard in chat_shards:
+        documents += [SPECIAL_TOKEN_TEXT.sub("\n", text) for text in read_documents(shard)]
+    return documents
+
