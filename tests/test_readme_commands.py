@@ -55,7 +55,8 @@ COVERAGE: dict[str, str] = {
     "mm-llama --help": f"{HELP}::test_every_command_of_the_package_is_checked + tests/mm_llama/test_cli.py",
     "mm-llama COMMAND --help": f"{HELP}::test_help_states_exit_status_and_an_example (every command)",
     "mm-llama bench generate --help": f"{HELP}::test_help_states_exit_status_and_an_example",
-    "mm-llama demo [--out runs/demo] [--resume | --overwrite] [--device auto|cpu|cuda] [--threads N]":
+    "mm-llama demo [--out runs/demo] [--modality image,video,speech] [--resume | --overwrite] "
+    "[--device auto|cpu|cuda] [--threads N]":
         f"{HERE}::test_make_targets_and_the_demo_synopsis + tests/train/test_demo.py::"
         "test_resume_after_a_finished_run_retrains_nothing_and_rewrites_the_report",
     # inline, in the demo section and the status line
@@ -286,7 +287,8 @@ def test_make_targets_and_the_demo_synopsis() -> None:
     assert re.search(r"^PYTHON \?= ", makefile, re.M) and "$(PYTHON) -m venv $(VENV)" in makefile
     assert re.search(r"^install: \$\(STAMP\)", makefile, re.M) and re.search(r"^demo: \$\(STAMP\)", makefile, re.M)
     synopsis = readme_command("mm-llama demo [")
-    choices = {"[--resume | --overwrite]": ["--resume", "--overwrite"], "[--device auto|cpu|cuda]":
+    choices = {"[--modality image,video,speech]": ["--modality image,video,speech"],
+               "[--resume | --overwrite]": ["--resume", "--overwrite"], "[--device auto|cpu|cuda]":
                ["--device auto", "--device cpu", "--device cuda"], "[--out runs/demo]": ["--out runs/demo"],
                "[--threads N]": ["--threads 2"]}
     assert set(OPTIONAL.findall(synopsis)) == {k[1:-1] for k in choices}
