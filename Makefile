@@ -33,8 +33,9 @@ chromium:
 	@for b in $(BROWSERS); do command -v $$b >/dev/null && exit 0; done; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-# The built-in default: synthetic data, tokenizer, tiny LM, contrastive ViT and image adapter trained from
-# scratch, evaluated on held-out images; writes runs/demo/report.html and runs/demo/metrics.json.
+# The built-in default: synthetic data, tokenizer, one tiny LM, then image, video and speech adapters trained
+# from scratch onto it, each evaluated held out with its control; writes runs/demo/report.html and
+# runs/demo/metrics.json (`$(BIN)/mm-llama demo --modality image` for the image path alone).
 # Each `make demo` starts over (--overwrite removes only what an earlier demo wrote there); continue an
 # interrupted run instead with `$(BIN)/mm-llama demo --out runs/demo --resume`.
 demo: $(STAMP)
