@@ -11,7 +11,7 @@ import soundfile
 
 from mm_llama.data.synth import espeak
 from mm_llama.data.synth.speech import (
-    ACCENTS, SAMPLE_RATE, SPLIT_VARIANTS, make_speech_sample, resample, split_voices,
+    ACCENTS, SAMPLE_RATE, SPLIT_VARIANTS, make_speech_sample, resample, speech_transcript, split_voices,
 )
 
 
@@ -108,3 +108,10 @@ def test_a_dead_helper_is_replaced() -> None:
     proc.kill()
     proc.wait()
     assert np.array_equal(espeak.synthesize("one two", "en+m1", seed=3), before)
+
+
+def test_the_transcript_alone_is_what_the_sample_speaks() -> None:
+    """The demo's LM reads the training transcripts without synthesising them (`speech_transcript`)."""
+    for split, index in (("train", 0), ("train", 7), ("test", 3)):
+        assert speech_transcript(0, split, index) == make_speech_sample(0, split, index).utterance.text
+    assert speech_transcript(0, "train", 0) != speech_transcript(1, "train", 0)

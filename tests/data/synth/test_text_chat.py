@@ -78,6 +78,11 @@ def test_chat_documents_tokenize_to_the_llama3_template(chat_dir: Path, tokenize
     q, a = "What colour is the circle?", "red"
     expected = tokenizer.encode_message("user", q) + tokenizer.encode_message("assistant", a)
     assert tokenizer.encode(chat_turn(q, a), allow_special=True) == expected
+    # with a system turn: the ASR exchange the demo's LM reads (the speech span goes in the empty user turn)
+    system, said = "Repeat after me in English:", "two nine five"
+    expected = (tokenizer.encode_message("system", system) + tokenizer.encode_message("user", "")
+                + tokenizer.encode_message("assistant", said))
+    assert tokenizer.encode(chat_turn("", said, system=system), allow_special=True) == expected
 
 
 def test_chat_is_deterministic_and_rejects_other_kinds(tmp_path, chat_dir: Path) -> None:
