@@ -21,7 +21,8 @@ adapter stages     image, video                ``tiny_vision_pretrain`` runs (`A
 ``data-video``     video                       moving-shapes train + test
 ``video``          video                       ``tiny_video_pretrain`` from the last adapter stage
 ``eval-video_qa``  video                       clip questions, also with frozen frames (``-blank``)
-``data-speech``    speech                      espeak utterances train + test (held-out voices)
+``data-speech``    speech                      espeak utterances train + test (held-out voices), silent
+                                               training clips (`demo_data.write_silence`)
 ``speech-encoder`` speech (if speech_pretrain) ``tiny_speech_bestrq``
 ``speech``         speech                      ``tiny_speech_sft`` (Conformer + adapter, LM frozen)
 ``eval-asr``       speech                      ASR WER, also with silence (``-blank``)
@@ -50,8 +51,8 @@ from typing import Any
 
 from mm_llama.atomic_file import atomic_write
 from mm_llama.train.demo_data import (
-    SPECIAL_TOKEN_TEXT, asr_text_shards, available_cores, synth_shards, tokenizer_documents, write_asr_text,
-    write_kind,
+    SPECIAL_TOKEN_TEXT, asr_text_shards, available_cores, silence_shards, synth_shards, tokenizer_documents,
+    write_asr_text, write_kind, write_silence,
 )
 from mm_llama.train.demo_settings import (
     MODALITIES, AdapterStage, DemoError, DemoSettings, Overrides, check_modalities, override_args,
@@ -323,10 +324,10 @@ class _Demo:
     # ---------------------------------------------------------------- speech
     def speech_stages(self) -> list[_Stage]:
         s, out = self.settings, self.out
-        stages = [_Stage("data-speech", f"writing espeak-ng utterances to {self.data}",
-                         (self.data / "synth-speech-train.json", self.data / "synth-speech-test.json"),
-                         lambda: self.write("speech", [("train", s.speech_train_utterances),
-                                                       ("test", s.speech_test_utterances)]))]
+        stages = [_Stage("data-speech", f"writing espeak-ng utterances and silent clips to {self.data}",
+                         (self.data / "synth-speech-train.json", self.data / "synth-speech-test.json",
+                          *([self.data / "speech-silence" / "train-000000.tar"] if s.speech_silent_clips else [])),
+                         self.write_speech)]
         if s.speech_pretrain is not None:
             stages.append(_Stage(SPEECH_ENCODER_RUN, "BEST-RQ pretraining of the Conformer (tiny_speech_bestrq)",
                                  (out / SPEECH_ENCODER_RUN / "speech_encoder.safetensors",),
@@ -336,9 +337,18 @@ class _Demo:
                              (out / SPEECH_RUN / "adapter.safetensors",), self.train_speech))
         return stages + self.eval_stages(SPEECH_RUN, "asr", "speech", s.eval_speech_samples, "silence")
 
+    def write_speech(self) -> str:
+        s = self.settings
+        spoken = self.write("speech", [("train", s.speech_train_utterances), ("test", s.speech_test_utterances)])
+        if not s.speech_silent_clips:
+            return spoken
+        silent = write_silence(self.data, s.speech_silent_clips, seed=s.seed, samples_per_shard=s.samples_per_shard)
+        return f"{spoken}; {silent}"
+
     def train_speech(self) -> str:
         s, out = self.settings, self.out
-        paths: Overrides = {"model.base_lm": str(out / LM_RUN), "data.shards": self.shards("speech", "train")}
+        shards = self.shards("speech", "train") + (silence_shards(self.data) if s.speech_silent_clips else [])
+        paths: Overrides = {"model.base_lm": str(out / LM_RUN), "data.shards": shards}
         if s.speech_pretrain is not None:
             paths["model.speech.encoder_checkpoint"] = str(out / SPEECH_ENCODER_RUN)
         return self.train(SPEECH_RUN, "tiny_speech_sft", paths, s.speech)

@@ -15,12 +15,17 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ASR_TEXT_LAYOUT", "DEMO_KINDS", "SPECIAL_TOKEN_TEXT", "asr_text_shards", "available_cores", "synth_shards",
-           "tokenizer_documents", "write_asr_text", "write_kind"]
+__all__ = ["ASR_TEXT_LAYOUT", "DEMO_KINDS", "SILENCE_LAYOUT", "SILENCE_TRANSCRIPT", "SPECIAL_TOKEN_TEXT", "asr_text_shards",
+           "available_cores", "silence_shards", "synth_shards", "tokenizer_documents", "write_asr_text", "write_kind",
+           "write_silence"]
 
 DEMO_KINDS: tuple[str, ...] = ("shapes", "text", "moving-shapes", "speech")
 """The synthetic kinds the demo writes (the layouts of each are `write_synth`'s)."""
 ASR_TEXT_LAYOUT = "asr-text"
+SILENCE_LAYOUT = "speech-silence"
+SILENCE_TRANSCRIPT = "."
+"""What a silent training clip is labelled: no word after Whisper's normalisation (an empty transcript has no
+label to train, `EmptyReferenceError`), so the model learns to say nothing to silence."""
 SPECIAL_TOKEN_TEXT = re.compile(r"<\|[a-z_]+\|>")
 """Special-token text (``<|eot_id|>``) in the chat-formatted text shards."""
 
@@ -81,6 +86,37 @@ def write_asr_text(data: Path, n: int, *, seed: int, samples_per_shard: int) -> 
             text = chat_turn("", speech_transcript(seed, "train", index), system=system)
             writer.write(sample_key("train", index), {"txt": text.encode("utf-8")})
     return f"{n} ASR exchanges"
+
+
+def write_silence(data: Path, n: int, *, seed: int, samples_per_shard: int) -> str:
+    """Write ``n`` training clips without speech to ``data/speech-silence``, each 1-6 s of digital silence or
+    faint white noise (peak amplitude up to 1 % of full scale), transcribed `SILENCE_TRANSCRIPT`, in the
+    ``speech`` layout's record format. Without them a speech model has only ever heard sentences, and
+    answers silence (the evaluation's control) with a guessed one."""
+    import numpy as np
+
+    from mm_llama.data.shard_writer import ShardWriter
+    from mm_llama.data.synth.speech import LANGUAGE, SAMPLE_RATE, encode_flac
+    from mm_llama.data.synth.splits import sample_key
+
+    rng = np.random.default_rng([seed, 0x511E])
+    with ShardWriter(data / SILENCE_LAYOUT, prefix="train", samples_per_shard=samples_per_shard,
+                     overwrite=True) as writer:
+        for index in range(n):
+            samples = int(rng.uniform(1.0, 6.0) * SAMPLE_RATE)
+            level = 0.0 if index % 2 == 0 else float(rng.uniform(1e-4, 1e-2))
+            noise = np.clip(rng.standard_normal(samples) / 3, -1.0, 1.0) * level  # peak at most `level`
+            pcm = np.round(noise * 32767).astype(np.int16)
+            meta = {"text": SILENCE_TRANSCRIPT, "language": LANGUAGE, "duration": samples / SAMPLE_RATE,
+                    "sample_rate": SAMPLE_RATE, "source": "silence"}
+            writer.write(sample_key("train", index), {"flac": encode_flac(pcm),
+                                                      "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+    return f"{n} silent clips"
+
+
+def silence_shards(data: Path) -> list[str]:
+    """The silent clip shards `write_silence` wrote (sorted)."""
+    return sorted(str(p) for p in (data / SILENCE_LAYOUT).glob("train-*.tar"))
 
 
 def tokenizer_documents(data: Path, chat_shards: list[str], corpus: Path) -> list[str]:

@@ -93,6 +93,7 @@ def test_quick_demo_writes_every_stage_output(demo) -> None:
     assert Path(video.model.init_from) == out / "vision" and video.data.prompt is None
     speech = load_recipe(out / "speech" / "config.yaml")
     assert Path(speech.model.speech["encoder_checkpoint"]) == out / "speech-encoder"
+    assert {Path(s).parent.name for s in speech.data.shards} == {"speech", "speech-silence"}
     controls = {"vqa": "blank_images", "caption": "blank_images", "video_qa": "blank_video", "asr": "blank_audio"}
     for name in EVALS:
         data = json.loads((out / "eval" / f"{name}.json").read_text())
