@@ -83,8 +83,11 @@ def _default_adapter_stages() -> list[AdapterStage]:
 
 def _default_video() -> Overrides:
     # the demo's LM learned questions as plain chat exchanges (the text kind), so the clips are asked the
-    # same way: data.prompt null sends the question as written
-    return {"data.prompt": None, "train.steps": 300}
+    # same way: data.prompt null sends the question as written. 4 frames merged into one aggregated frame at
+    # lr 4e-3 for 500 steps: held-out 61.7 % (frozen frames 44.0 %; turn 82.5 % against 1.8 %) where the
+    # recipe's 8 frames at 2e-3 for 300 steps gave 52.3 % (43.8 %) in about the same time (issue 18's notes)
+    return {"data.prompt": None, "data.num_frames": 4, "optim.lr": 4e-3, "train.steps": 500,
+            "model.video": {"aggregator": {"preset": "tiny", "group_size": 4}, "fusion_layers": [1, 3]}}
 
 
 @dataclass
@@ -152,7 +155,7 @@ class DemoSettings:
             lm={**small, "data.max_seq_len": 64, "model.text.max_seq_len": 512},
             encoder={**small},
             adapter_stages=[AdapterStage("vision", task="vqa", layouts=("image-chat",), overrides={**small})],
-            video_train_clips=4, video_test_clips=2, video={**_default_video(), **small, "data.num_frames": 4},
+            video_train_clips=4, video_test_clips=2, video={**_default_video(), **small},
             speech_train_utterances=4, speech_test_utterances=2, speech_silent_clips=2, speech_pretrain={**small},
             speech={**small},
             eval_vqa_samples=8, eval_caption_samples=4, eval_video_samples=4, eval_speech_samples=2,
