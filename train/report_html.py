@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["STYLE", "data_uri", "esc", "mark", "text"]
+__all__ = ["STYLE", "data_uri", "esc", "mark", "question_table", "text"]
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
@@ -48,3 +49,19 @@ def mark(score: float) -> str:
     if score <= 0.0:
         return '<span class="bad">&#10007;</span>'
     return f"{score:.2f}"
+
+
+def question_table(questions: Iterable[Mapping[str, Any]], control: str, control_key: str,
+                   type_note: Callable[[str], str] = lambda qtype: "") -> str:
+    """A table of a sample's questions: question, type (+ ``type_note(type)``, HTML), the model's answer, the
+    references, a mark, and the answer under the control (``question[control_key]``, headed ``control``)."""
+    rows = [f"<table><tr><th>question</th><th>type</th><th>model</th><th>reference</th><th></th>"
+            f"<th>{esc(control)}</th></tr>"]
+    for q in questions:
+        qtype = q.get("type") or ""
+        rows.append(f"<tr><td>{esc(q['question'])}</td><td>{esc(qtype)}{type_note(qtype)}</td>"
+                    f"<td>{text(q['prediction'])}</td><td>{esc(' / '.join(q['references']))}</td>"
+                    f"<td>{mark(float(q.get('score', 0.0)))}</td>"
+                    f"<td class=\"muted\">{text(q.get(control_key))}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mm_llama.train.report_common import Modality, Results, pct, shard_members
-from mm_llama.train.report_html import data_uri, esc, mark, text
+from mm_llama.train.report_html import data_uri, esc, question_table, text
 
 __all__ = ["IMAGE", "ImageEvals", "metric_rows", "section_html", "summarize"]
 
@@ -106,14 +106,7 @@ def _sample_html(sample: Mapping[str, Any]) -> str:
              f'<p><b>generated caption:</b> {text(sample["prediction"])}<br><b>reference:</b> {refs}<br>'
              f'<span class="muted">blank image: {text(sample.get("blank"))}</span></p>']
     if sample["questions"]:
-        parts.append("<table><tr><th>question</th><th>type</th><th>model</th><th>reference</th><th></th>"
-                     "<th>blank image</th></tr>")
-        for q in sample["questions"]:
-            parts.append(f"<tr><td>{esc(q['question'])}</td><td>{esc(q.get('type', ''))}</td>"
-                         f"<td>{text(q['prediction'])}</td><td>{esc(' / '.join(q['references']))}</td>"
-                         f"<td>{mark(float(q.get('score', 0.0)))}</td>"
-                         f"<td class=\"muted\">{text(q.get('blank'))}</td></tr>")
-        parts.append("</table>")
+        parts.append(question_table(sample["questions"], "blank image", "blank"))
     parts.append("</div></div>")
     return "".join(parts)
 

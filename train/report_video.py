@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mm_llama.train.report_common import Modality, Results, pct, shard_members
-from mm_llama.train.report_html import data_uri, esc, mark, text
+from mm_llama.train.report_html import data_uri, esc, question_table, text
 
 __all__ = ["MOTION_TYPES", "STRIP_FRAMES", "VIDEO", "VideoEvals", "clip_media", "metric_rows", "section_html",
            "summarize"]
@@ -163,18 +163,13 @@ def _media_html(clip: Mapping[str, Any]) -> str:
 
 
 def _clip_html(clip: Mapping[str, Any]) -> str:
-    parts = [f'<div class="sample"><div>{_media_html(clip)}<br><span class="muted">{esc(clip["key"])}</span></div>',
-             "<div><table><tr><th>question</th><th>type</th><th>model</th><th>reference</th><th></th>"
-             "<th>frozen frame</th></tr>"]
-    for q in clip["questions"]:
-        qtype = q.get("type") or ""
-        motion = ' <span class="muted">(motion)</span>' if qtype in MOTION_TYPES else ""
-        parts.append(f"<tr><td>{esc(q['question'])}</td><td>{esc(qtype)}{motion}</td>"
-                     f"<td>{text(q['prediction'])}</td><td>{esc(' / '.join(q['references']))}</td>"
-                     f"<td>{mark(float(q.get('score', 0.0)))}</td>"
-                     f"<td class=\"muted\">{text(q.get('frozen'))}</td></tr>")
-    parts.append("</table></div></div>")
-    return "".join(parts)
+    return "".join([f'<div class="sample"><div>{_media_html(clip)}<br><span class="muted">{esc(clip["key"])}</span>'
+                    "</div><div>", question_table(clip["questions"], "frozen frame", "frozen", _motion_note),
+                    "</div></div>"])
+
+
+def _motion_note(qtype: str) -> str:
+    return ' <span class="muted">(motion)</span>' if qtype in MOTION_TYPES else ""
 
 
 def section_html(results: Results, part: Mapping[str, Any], limit: int) -> str:
