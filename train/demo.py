@@ -223,14 +223,14 @@ class _Demo:
         """The evaluation of ``run`` on the test split of ``layout``, and again with the task's control."""
         stages = []
         for blank in (False, True):
-            # the names `mm-llama eval` gives its results by default
-            target = self.out / EVAL_DIR / f"eval-{task}{'-blank' if blank else ''}.json"
+            target = self.eval_path(task, blank)
             what = f"evaluating {task} on the test split{f' with {control}' if blank else ''}"
             stages.append(_Stage(target.stem, what, (target,), lambda blank=blank, target=target: self.evaluate(
                 run, task, self.shards(layout, "test"), limit, blank, target)))
         return stages
 
     def eval_path(self, task: str, blank: bool = False) -> Path:
+        """Where the evaluation of ``task`` (``blank``: with its control) goes: the name `mm-llama eval` gives."""
         return self.out / EVAL_DIR / f"eval-{task}{'-blank' if blank else ''}.json"
 
     # ---------------------------------------------------------------- data and shared stages
