@@ -55,7 +55,8 @@ from mm_llama.train.demo_data import (
     write_asr_text, write_kind, write_silence,
 )
 from mm_llama.train.demo_settings import (
-    MODALITIES, AdapterStage, DemoError, DemoSettings, Overrides, check_modalities, override_args,
+    DATA_DIR, ENCODER_RUN, EVAL_DIR, LM_RUN, MODALITIES, SPEECH_ENCODER_RUN, SPEECH_RUN, TOKENIZER_DIR, VIDEO_RUN,
+    AdapterStage, DemoError, DemoSettings, Overrides, check_modalities, override_args,
 )
 from mm_llama.train.report import (
     LOSS_PLOT_GLOB, METRICS_JSON, REPORT_FILE, ImageEvals, SpeechEvals, VideoEvals, format_table, write_report,
@@ -64,14 +65,6 @@ from mm_llama.train.report import (
 __all__ = ["MODALITIES", "AdapterStage", "DemoError", "DemoResult", "DemoSettings", "DemoStopped",
            "SPECIAL_TOKEN_TEXT", "available_cores", "override_args", "run_demo"]
 
-DATA_DIR = "data"
-TOKENIZER_DIR = "tokenizer"
-LM_RUN = "lm"
-ENCODER_RUN = "encoder"
-VIDEO_RUN = "video"
-SPEECH_ENCODER_RUN = "speech-encoder"
-SPEECH_RUN = "speech"
-EVAL_DIR = "eval"
 STATE_FILE = "demo-state.json"
 
 

@@ -26,9 +26,18 @@ MODALITIES: tuple[str, ...] = ("image", "video", "speech")
 TASK_LAYOUTS: dict[str, tuple[str, ...]] = {name: TASKS[name].layouts for name in task_names("image_text")}
 """The shapes layouts whose train shards an adapter stage of each ``data.task`` reads (the registry's)."""
 
-RESERVED_NAMES = frozenset({"data", "tokenizer", "lm", "encoder", "eval", "report", "video", "speech",
-                            "speech-encoder"})
-"""Folder names the demo uses itself (an adapter stage may not take one)."""
+DATA_DIR = "data"
+TOKENIZER_DIR = "tokenizer"
+LM_RUN = "lm"
+ENCODER_RUN = "encoder"
+VIDEO_RUN = "video"
+SPEECH_ENCODER_RUN = "speech-encoder"
+SPEECH_RUN = "speech"
+EVAL_DIR = "eval"
+
+RESERVED_NAMES = frozenset({DATA_DIR, TOKENIZER_DIR, LM_RUN, ENCODER_RUN, EVAL_DIR, "report", VIDEO_RUN, SPEECH_RUN,
+                            SPEECH_ENCODER_RUN})
+"""Folder names the demo uses itself (an adapter stage may not take one); ``report`` is kept free for the report."""
 
 Overrides = dict[str, Any]
 """Recipe overrides: dotted key → value (``{"train.steps": 100, "optim.lr": 3e-4}``)."""
