@@ -51,8 +51,8 @@ from typing import Any
 
 from mm_llama.atomic_file import atomic_write
 from mm_llama.train.demo_data import (
-    SPECIAL_TOKEN_TEXT, asr_text_shards, available_cores, silence_shards, synth_shards, tokenizer_documents,
-    write_asr_text, write_kind, write_silence,
+    ASR_TEXT_LAYOUT, SILENCE_LAYOUT, SPECIAL_TOKEN_TEXT, available_cores, synth_shards, tokenizer_documents,
+    train_shards, write_asr_text, write_kind, write_silence,
 )
 from mm_llama.train.demo_settings import (
     DATA_DIR, ENCODER_RUN, EVAL_DIR, LM_RUN, MODALITIES, SPEECH_ENCODER_RUN, SPEECH_RUN, TOKENIZER_DIR, VIDEO_RUN,
@@ -238,13 +238,16 @@ class _Demo:
         asr = write_asr_text(self.data, s.speech_train_utterances, seed=s.seed, samples_per_shard=s.samples_per_shard)
         return f"{text}; {asr}"
 
+    def lm_text_shards(self) -> list[str]:
+        """What the tokenizer and the LM read: the chat documents and the ASR exchanges."""
+        return self.shards("text", "train") + train_shards(self.data, ASR_TEXT_LAYOUT)
+
     def train_tokenizer(self) -> str:
         from mm_llama.data.synth.text import corpus_path
         from mm_llama.tokenizer import Tokenizer
         from mm_llama.tokenizer_training import train_llama3_tokenizer
 
-        documents = tokenizer_documents(self.data, self.shards("text", "train") + asr_text_shards(self.data),
-                                        corpus_path(self.data, "train"))
+        documents = tokenizer_documents(self.lm_text_shards(), corpus_path(self.data, "train"))
         target = train_llama3_tokenizer(documents, self.settings.vocab_size, self.out / TOKENIZER_DIR, min_frequency=1)
         return f"{len(documents)} documents, vocabulary {Tokenizer.from_dir(target).vocab_size}"
 
@@ -252,13 +255,14 @@ class _Demo:
         s, out, tok = self.settings, self.out, self.out / TOKENIZER_DIR
         return [
             _Stage("data-text", f"writing text documents and ASR exchanges to {self.data}",
-                   (self.data / "synth-text-train.json", self.data / "asr-text" / "train-000000.tar"), self.write_text),
+                   (self.data / "synth-text-train.json", self.data / ASR_TEXT_LAYOUT / "train-000000.tar"),
+                   self.write_text),
             _Stage(TOKENIZER_DIR, f"training a {s.vocab_size}-token BPE tokenizer",
                    (tok / "tokenizer.json", tok / "tokenizer.model"), self.train_tokenizer),
             _Stage(LM_RUN, "training the tiny LM (tiny_lm_pretrain) on chat-formatted text",
                    (out / LM_RUN / "model" / "config.json",),
                    lambda: self.train(LM_RUN, "tiny_lm_pretrain", {
-                       "data.shards": self.shards("text", "train") + asr_text_shards(self.data),
+                       "data.shards": self.lm_text_shards(),
                        "data.tokenizer": str(tok), "data.options.allow_special": True}, s.lm)),
         ]
 
@@ -319,7 +323,7 @@ class _Demo:
         s, out = self.settings, self.out
         stages = [_Stage("data-speech", f"writing espeak-ng utterances and silent clips to {self.data}",
                          (self.data / "synth-speech-train.json", self.data / "synth-speech-test.json",
-                          *([self.data / "speech-silence" / "train-000000.tar"] if s.speech_silent_clips else [])),
+                          *([self.data / SILENCE_LAYOUT / "train-000000.tar"] if s.speech_silent_clips else [])),
                          self.write_speech)]
         if s.speech_pretrain is not None:
             stages.append(_Stage(SPEECH_ENCODER_RUN, "BEST-RQ pretraining of the Conformer (tiny_speech_bestrq)",
@@ -340,7 +344,8 @@ class _Demo:
 
     def train_speech(self) -> str:
         s, out = self.settings, self.out
-        shards = self.shards("speech", "train") + (silence_shards(self.data) if s.speech_silent_clips else [])
+        silent = train_shards(self.data, SILENCE_LAYOUT) if s.speech_silent_clips else []
+        shards = self.shards("speech", "train") + silent
         paths: Overrides = {"model.base_lm": str(out / LM_RUN), "data.shards": shards}
         if s.speech_pretrain is not None:
             paths["model.speech.encoder_checkpoint"] = str(out / SPEECH_ENCODER_RUN)

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ASR_TEXT_LAYOUT", "DEMO_KINDS", "SILENCE_LAYOUT", "SILENCE_TRANSCRIPT", "SPECIAL_TOKEN_TEXT", "asr_text_shards",
-           "available_cores", "silence_shards", "synth_shards", "tokenizer_documents", "write_asr_text", "write_kind",
+__all__ = ["ASR_TEXT_LAYOUT", "DEMO_KINDS", "SILENCE_LAYOUT", "SILENCE_TRANSCRIPT", "SPECIAL_TOKEN_TEXT",
+           "available_cores", "synth_shards", "tokenizer_documents", "train_shards", "write_asr_text", "write_kind",
            "write_silence"]
 
 DEMO_KINDS: tuple[str, ...] = ("shapes", "text", "moving-shapes", "speech")
@@ -66,9 +66,10 @@ def synth_shards(data: Path, layout: str, split: str) -> list[str]:
     return [str(data / layout / name) for name in names]
 
 
-def asr_text_shards(data: Path) -> list[str]:
-    """The ASR exchange shards `write_asr_text` wrote (sorted)."""
-    return sorted(str(p) for p in (data / ASR_TEXT_LAYOUT).glob("train-*.tar"))
+def train_shards(data: Path, layout: str) -> list[str]:
+    """The shards ``data/LAYOUT/train-*.tar`` (sorted): what `write_asr_text` (`ASR_TEXT_LAYOUT`) and
+    `write_silence` (`SILENCE_LAYOUT`) wrote."""
+    return sorted(str(p) for p in (data / layout).glob("train-*.tar"))
 
 
 def write_asr_text(data: Path, n: int, *, seed: int, samples_per_shard: int) -> str:
@@ -114,12 +115,7 @@ def write_silence(data: Path, n: int, *, seed: int, samples_per_shard: int) -> s
     return f"{n} silent clips"
 
 
-def silence_shards(data: Path) -> list[str]:
-    """The silent clip shards `write_silence` wrote (sorted)."""
-    return sorted(str(p) for p in (data / SILENCE_LAYOUT).glob("train-*.tar"))
-
-
-def tokenizer_documents(data: Path, chat_shards: list[str], corpus: Path) -> list[str]:
+def tokenizer_documents(chat_shards: list[str], corpus: Path) -> list[str]:
     """What the tokenizer learns from: the plain corpus, and the chat shards with their special-token text
     cut out — answers then also occur right after a line break, as they do after the assistant header, so
     BPE learns them as whole words ("red", not "r"+"ed") and one-word answers are single tokens."""

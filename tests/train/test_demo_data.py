@@ -11,13 +11,13 @@ import numpy as np
 import soundfile
 
 from mm_llama.data.records import read_transcript
-from mm_llama.train.demo_data import SILENCE_TRANSCRIPT, silence_shards, write_silence
+from mm_llama.train.demo_data import SILENCE_LAYOUT, SILENCE_TRANSCRIPT, train_shards, write_silence
 from mm_llama.train.speech_evaluation import normalize_english
 
 
 def test_silent_clips_hold_no_speech_and_a_transcript_without_words(tmp_path: Path) -> None:
     assert write_silence(tmp_path, 6, seed=0, samples_per_shard=4) == "6 silent clips"
-    shards = silence_shards(tmp_path)
+    shards = train_shards(tmp_path, SILENCE_LAYOUT)
     assert [Path(s).name for s in shards] == ["train-000000.tar", "train-000001.tar"]
     clips: dict[str, dict[str, bytes]] = {}
     for shard in shards:
@@ -38,4 +38,5 @@ def test_silent_clips_hold_no_speech_and_a_transcript_without_words(tmp_path: Pa
     assert max(peaks) <= 0.01 and min(peaks) == 0.0 and sum(p > 0 for p in peaks) == 3  # digital silence and faint noise
     # the same seed writes the same bytes
     write_silence(tmp_path / "again", 6, seed=0, samples_per_shard=4)
-    assert [Path(s).read_bytes() for s in silence_shards(tmp_path / "again")] == [Path(s).read_bytes() for s in shards]
+    again = train_shards(tmp_path / "again", SILENCE_LAYOUT)
+    assert [Path(s).read_bytes() for s in again] == [Path(s).read_bytes() for s in shards]
