@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Modality", "Results", "pct", "read_result", "read_results", "shard_members"]
+__all__ = ["Modality", "Results", "by_type_with_control", "pct", "read_result", "read_results", "shard_members"]
 
 Results = Mapping[str, Mapping[str, Any]]
 """One modality's evaluation results by field name of its evals class (``{"qa": {...}, "qa_frozen": {...}}``),
@@ -67,6 +67,18 @@ def read_result(path: Path, task: str, what: str) -> dict[str, Any]:
 def read_results(paths: Mapping[str, Path], tasks: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """`read_result` of every ``name → path``, each checked against ``tasks[name]``."""
     return {name: read_result(path, tasks[name], name) for name, path in paths.items()}
+
+
+def by_type_with_control(result: Mapping[str, Any], control: Mapping[str, Any], control_key: str) -> dict[str, Any]:
+    """Question type → its samples, accuracy, majority baseline and answer in ``result``, and its accuracy
+    in the ``control`` result under ``control_key`` (None for a type the control did not score)."""
+    control_types = control.get("by_type", {})
+    return {
+        name: {"samples": stats["samples"], "vqa_accuracy": stats["vqa_accuracy"],
+               control_key: control_types.get(name, {}).get("vqa_accuracy"),
+               "majority_baseline": stats["majority_baseline"], "majority_answer": stats["majority_answer"]}
+        for name, stats in sorted(result.get("by_type", {}).items())
+    }
 
 
 def shard_members(wanted: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes]:

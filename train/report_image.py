@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mm_llama.train.report_common import Modality, Results, pct, shard_members
+from mm_llama.train.report_common import Modality, Results, by_type_with_control, pct, shard_members
 from mm_llama.train.report_html import data_uri, esc, question_table, text
 
 __all__ = ["IMAGE", "ImageEvals", "metric_rows", "section_html", "summarize"]
@@ -54,13 +54,7 @@ def summarize(results: Results) -> dict[str, Any]:
         "blank_caption_cider": caption_blank["metrics"]["cider"],
         "blank_caption_exact_match": caption_blank["metrics"]["exact_match"],
     }
-    blank_types = vqa_blank.get("by_type", {})
-    by_type = {
-        name: {"samples": stats["samples"], "vqa_accuracy": stats["vqa_accuracy"],
-               "blank_vqa_accuracy": blank_types.get(name, {}).get("vqa_accuracy"),
-               "majority_baseline": stats["majority_baseline"], "majority_answer": stats["majority_answer"]}
-        for name, stats in sorted(vqa.get("by_type", {}).items())
-    }
+    by_type = by_type_with_control(vqa, vqa_blank, "blank_vqa_accuracy")
     samples = {"vqa": vqa["counts"]["samples"], "caption": caption["counts"]["samples"]}
     return {"metrics": metrics, "vqa_by_type": by_type, "samples": samples}
 

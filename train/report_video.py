@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mm_llama.train.report_common import Modality, Results, pct, shard_members
+from mm_llama.train.report_common import Modality, Results, by_type_with_control, pct, shard_members
 from mm_llama.train.report_html import data_uri, esc, question_table, text
 
 __all__ = ["MOTION_TYPES", "STRIP_FRAMES", "VIDEO", "VideoEvals", "clip_media", "metric_rows", "section_html",
@@ -69,14 +69,8 @@ def summarize(results: Results) -> dict[str, Any]:
         "majority_baseline": qa["metrics"]["majority_baseline"],
         "frozen_vqa_accuracy": frozen["metrics"]["vqa_accuracy"],
     }
-    frozen_types = frozen.get("by_type", {})
-    by_type = {
-        name: {"samples": stats["samples"], "vqa_accuracy": stats["vqa_accuracy"],
-               "frozen_vqa_accuracy": frozen_types.get(name, {}).get("vqa_accuracy"),
-               "majority_baseline": stats["majority_baseline"], "majority_answer": stats["majority_answer"],
-               "motion": name in MOTION_TYPES}
-        for name, stats in sorted(qa.get("by_type", {}).items())
-    }
+    by_type = {name: {**row, "motion": name in MOTION_TYPES}
+               for name, row in by_type_with_control(qa, frozen, "frozen_vqa_accuracy").items()}
     motion_types = sorted(name for name in by_type if name in MOTION_TYPES)
     n_motion = sum(by_type[name]["samples"] for name in motion_types)
     motion = {
