@@ -123,12 +123,13 @@ COVERAGE: dict[str, str] = {
         f"{HERE}::test_glyph_probe",
     'mm-llama train tiny_image_encoder_pretrain model.base_lm=runs/glyph-lm "data.shards=[probe/image-caption/glyphs-train-*.tar]" '
     'model.contrastive.pool=max "optim.lr_multipliers={image.encoder: 0.5}" train.steps=200 '
-    '"model.vision.stem_channels=[24,48,96,96,96,96]" "model.vision.stem_strides=[2,2,2,2,1,1]" '
+    '"model.vision.stem_channels=[16,32,64,96,96,96]" "model.vision.stem_strides=[2,2,2,2,1,1]" '
     "model.vision.stem_pixel_path=false --out runs/glyph-encoder": f"{HERE}::test_glyph_probe",
     "mm-llama train tiny_vision_pretrain model.base_lm=runs/glyph-lm model.encoder_checkpoint=runs/glyph-encoder "
     'data.task=vqa "data.shards=[probe/image-chat/glyphs-train-*.tar]" data.batch_size=32 train.steps=300 '
-    '"model.fusion_layers=[0,1,2,3]" "model.vision.stem_channels=[24,48,96,96,96,96]" '
-    '"model.vision.stem_strides=[2,2,2,2,1,1]" model.vision.stem_pixel_path=false --out runs/glyph-probe':
+    '"model.fusion_layers=[0,1,2,3]" "optim.lr_multipliers={image.encoder: 0.33}" '
+    '"model.vision.stem_channels=[16,32,64,96,96,96]" "model.vision.stem_strides=[2,2,2,2,1,1]" '
+    "model.vision.stem_pixel_path=false --out runs/glyph-probe":
         f"{HERE}::test_glyph_probe",
     'mm-llama eval --model runs/glyph-probe --task vqa --shards "probe/image-qa/glyphs-test-*.tar" [--blank-images]':
         f"{HERE}::test_glyph_probe",
@@ -488,6 +489,7 @@ def test_glyph_probe(demo: Path, workspace: Path) -> None:
     run(probe, {"train.steps=300": "train.steps=2", "data.batch_size=32": "data.batch_size=2"}, quick(probe))
     cfg = yaml.safe_load((workspace / "runs/glyph-probe/config.yaml").read_text())["model"]
     assert cfg["fusion_layers"] == [0, 1, 2, 3] and cfg["vision"]["stem_strides"] == [2, 2, 2, 2, 1, 1]
+    assert cfg["vision"]["stem_channels"] == [16, 32, 64, 96, 96, 96]
     assert cfg["vision"]["stem_pixel_path"] is False and cfg["encoder_checkpoint"] == "runs/glyph-encoder"
     run(readme_command("mm-llama eval --model runs/glyph-probe"), extra=["--max-samples", "2", "--no-progress"])
     assert (workspace / "runs/glyph-probe/eval-vqa-blank.json").is_file()
