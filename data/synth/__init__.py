@@ -1,4 +1,4 @@
-"""Synthetic data for the built-in default: shapes and glyphs images, moving-shapes clips, speech and text.
+"""Synthetic data for the built-in default: shapes, glyphs and objects images, moving-shapes clips, speech and text.
 
 All kinds share one grammar (`grammar`), are deterministic for a seed and split, and keep splits
 disjoint by content (`splits`). `write_synth` writes any kind as webdataset shards through

@@ -8,6 +8,7 @@ Folder layout (one ``OUTDIR`` can hold every kind and every split; shard names s
     OUTDIR/image-caption/glyphs-{split}-000000.tar   glyphs: as shapes (one character, identity/position QA)
     OUTDIR/image-qa/glyphs-{split}-000000.tar        glyphs: as shapes
     OUTDIR/text/glyphs-{split}-000000.tar            glyphs: KEY.txt (caption + both QA as chat, for the LM)
+    OUTDIR/image-caption/objects-{split}-000000.tar  objects: KEY.png + KEY.txt (colour-free caption) + KEY.json
     OUTDIR/video-caption/{split}-000000.tar          moving-shapes: KEY.mp4 + KEY.txt + KEY.json
     OUTDIR/video-qa/{split}-000000.tar               moving-shapes: KEY-qJ.mp4 + KEY-qJ.json (question, answer)
     OUTDIR/speech/{split}-000000.tar                 speech: KEY.flac + KEY.json (text, language, duration, ...)
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mm_llama.atomic_file import atomic_write
-from mm_llama.data.synth import glyphs, moving_shapes, shapes, speech, text
+from mm_llama.data.synth import glyphs, moving_shapes, objects, shapes, speech, text
 from mm_llama.data.synth.splits import check_split
 
 Records = dict[str, list[tuple[str, dict[str, bytes]]]]
@@ -59,6 +60,10 @@ KINDS: dict[str, KindSpec] = {
     "glyphs": KindSpec("glyphs", glyphs.LAYOUTS, glyphs.glyphs_records, shard_prefix="glyphs-",
                        description="128x128 PNG images of one digit or letter in a 3x3 grid cell, with "
                                    "identity and position QA (and as chat text for the LM)"),
+    # objects writes shapes' image-caption layout under its own shard names
+    "objects": KindSpec("objects", objects.LAYOUTS, objects.objects_records, shard_prefix="objects-",
+                        description="PNG images of one coloured shape captioned by size, shape and position, "
+                                    "not colour (contrastive encoder pretraining that needs shape)"),
     "moving-shapes": KindSpec("moving-shapes", moving_shapes.LAYOUTS, moving_shapes.moving_shapes_records,
                               description="mp4 clips of a shape that moves or changes colour, captions and QA"),
     "speech": KindSpec("speech", speech.LAYOUTS, speech.speech_records, options=("noise_prob",),

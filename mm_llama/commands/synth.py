@@ -1,4 +1,5 @@
-"""`mm-llama synth`: write synthetic shards (shapes, glyphs, moving-shapes, speech, text) for the built-in default."""
+"""`mm-llama synth`: write synthetic shards (shapes, glyphs, objects, moving-shapes, speech, text) for the built-in
+default."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from mm_llama.commands.arg_types import positive_float, positive_int, probability
 from mm_llama.commands.help_format import HelpFormatter
 
-KIND_CHOICES = ("shapes", "glyphs", "moving-shapes", "speech", "text")
+KIND_CHOICES = ("shapes", "glyphs", "objects", "moving-shapes", "speech", "text")
 
 
 EPILOG = """\
@@ -18,6 +19,7 @@ kind), named in one line on stderr; 1 on an unexpected error.
 Examples, one per kind:
   mm-llama synth shapes data/ --n 2000 --seed 0 --split train --square
   mm-llama synth glyphs probe/ --n 300 --split test
+  mm-llama synth objects data/ --n 4000
   mm-llama synth moving-shapes data/ --n 200 --split test
   mm-llama synth speech data/ --n 100 --noise-prob 0.5
   mm-llama synth text data/ --n 5000 --chat
@@ -27,7 +29,7 @@ Examples, one per kind:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
-        help="write synthetic shards (shapes, glyphs, moving-shapes, speech, text) for the built-in default",
+        help="write synthetic shards (shapes, glyphs, objects, moving-shapes, speech, text) for the built-in default",
         description=(
             "Generate synthetic data from one small grammar and write it as webdataset shards. shapes: PNG images "
             "of 1-3 coloured shapes -> OUTDIR/image-caption (KEY.png/txt/json) and OUTDIR/image-qa (KEY.png + "
@@ -35,15 +37,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "one cell of a 3x3 grid (a spatial probe) -> the same two folders as shapes (shards named "
             "glyphs-SPLIT-NNNNNN.tar), with the questions 'What character is shown?' and 'Where is the "
             "character?' (answers such as 7 and top left), and OUTDIR/text (KEY.txt: the caption, then both "
-            "questions answered as Llama 3 chat turns, for training the frozen LM first). moving-shapes: 16-frame "
-            "mp4 clips of a shape that moves or changes colour -> OUTDIR/video-caption and OUTDIR/video-qa. "
+            "questions answered as Llama 3 chat turns, for training the frozen LM first). objects: PNG images of "
+            "one coloured shape whose caption names its size, shape and position but not its colour -> "
+            "OUTDIR/image-caption (objects-SPLIT-NNNNNN.tar; contrastive encoder pretraining that must tell shapes "
+            "apart). moving-shapes: 16-frame mp4 clips of a shape that moves or changes colour -> "
+            "OUTDIR/video-caption and OUTDIR/video-qa. "
             "speech: espeak-ng speech of grammar sentences and digit strings, 16 kHz FLAC -> OUTDIR/speech "
             "(KEY.flac + KEY.json with text/language/duration/sample_rate/voice); the test split's voices never "
             "occur in train. text: documents covering the grammar -> OUTDIR/text shards (KEY.txt) and "
             "OUTDIR/text/SPLIT-corpus.txt (with --chat the shards hold the documents with their question/answer "
             "lines as Llama 3 chat turns, the corpus file their plain form). Shards are named SPLIT-NNNNNN.tar "
-            "(glyphs: glyphs-SPLIT-NNNNNN.tar), so all splits and kinds can share one OUTDIR. The same --seed and "
-            "--split always give byte-identical files; train, val and test never share content."
+            "(glyphs, objects: prefixed by the kind), so all splits and kinds can share one OUTDIR. The same --seed "
+            "and --split always give byte-identical files; train, val and test never share content."
         ),
         epilog=EPILOG, formatter_class=HelpFormatter,
     )

@@ -11,7 +11,7 @@ from mm_llama.commands import synth
 from mm_llama.data.synth import KINDS, write_synth
 from tests.data.synth.helpers import load_json, read_shards, tree_bytes
 
-SMALL_N = {"shapes": 6, "glyphs": 6, "moving-shapes": 3, "speech": 3, "text": 10}
+SMALL_N = {"shapes": 6, "glyphs": 6, "objects": 6, "moving-shapes": 3, "speech": 3, "text": 10}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
