@@ -121,16 +121,8 @@ COVERAGE: dict[str, str] = {
     'mm-llama train tiny_lm_pretrain "data.shards=[runs/demo/data/text/train-*.tar, probe/text/glyphs-train-*.tar]" '
     "data.tokenizer=runs/demo/tokenizer data.options.allow_special=true --out runs/glyph-lm":
         f"{HERE}::test_glyph_probe",
-    'mm-llama train tiny_image_encoder_pretrain model.base_lm=runs/glyph-lm "data.shards=[probe/image-caption/glyphs-train-*.tar]" '
-    'model.contrastive.pool=max "optim.lr_multipliers={image.encoder: 0.5}" train.steps=200 '
-    '"model.vision.stem_channels=[16,32,64,96,96,96]" "model.vision.stem_strides=[2,2,2,2,1,1]" '
-    "model.vision.stem_pixel_path=false --out runs/glyph-encoder": f"{HERE}::test_glyph_probe",
-    "mm-llama train tiny_vision_pretrain model.base_lm=runs/glyph-lm model.encoder_checkpoint=runs/glyph-encoder "
-    'data.task=vqa "data.shards=[probe/image-chat/glyphs-train-*.tar]" data.batch_size=32 train.steps=300 '
-    '"model.fusion_layers=[0,1,2,3]" "optim.lr_multipliers={image.encoder: 0.33}" '
-    '"model.vision.stem_channels=[16,32,64,96,96,96]" "model.vision.stem_strides=[2,2,2,2,1,1]" '
-    "model.vision.stem_pixel_path=false --out runs/glyph-probe":
-        f"{HERE}::test_glyph_probe",
+    "mm-llama train tiny_glyph_encoder model.base_lm=runs/glyph-lm --out runs/glyph-encoder": f"{HERE}::test_glyph_probe",
+    "mm-llama train tiny_glyph_probe model.base_lm=runs/glyph-lm --out runs/glyph-probe": f"{HERE}::test_glyph_probe",
     'mm-llama eval --model runs/glyph-probe --task vqa --shards "probe/image-qa/glyphs-test-*.tar" [--blank-images]':
         f"{HERE}::test_glyph_probe",
 }
@@ -482,14 +474,14 @@ def test_glyph_probe(demo: Path, workspace: Path) -> None:
     run(readme_command("mm-llama synth glyphs probe/ --n 300"), {"--n 300": "--n 4"}, ["--no-progress"])
     lm = readme_command("mm-llama train tiny_lm_pretrain")
     run(lm, extra=quick(lm))
-    encoder = readme_command("mm-llama train tiny_image_encoder_pretrain model.base_lm=runs/glyph-lm")
-    run(encoder, {"train.steps=200": "train.steps=2"}, quick(encoder))
+    encoder = readme_command("mm-llama train tiny_glyph_encoder")
+    run(encoder, extra=quick(encoder))
     assert (workspace / "runs/glyph-encoder/encoder.safetensors").is_file()
-    probe = readme_command("mm-llama train tiny_vision_pretrain model.base_lm=runs/glyph-lm")
-    run(probe, {"train.steps=300": "train.steps=2", "data.batch_size=32": "data.batch_size=2"}, quick(probe))
+    probe = readme_command("mm-llama train tiny_glyph_probe")
+    run(probe, extra=quick(probe))
     cfg = yaml.safe_load((workspace / "runs/glyph-probe/config.yaml").read_text())["model"]
     assert cfg["fusion_layers"] == [0, 1, 2, 3] and cfg["vision"]["stem_strides"] == [2, 2, 2, 2, 1, 1]
-    assert cfg["vision"]["stem_channels"] == [16, 32, 64, 96, 96, 96]
+    assert cfg["vision"]["stem_channels"] == [16, 32, 64, 96, 96, 96] and cfg["vision"]["timm_kwargs"]["depth"] == 2
     assert cfg["vision"]["stem_pixel_path"] is False and cfg["encoder_checkpoint"] == "runs/glyph-encoder"
     run(readme_command("mm-llama eval --model runs/glyph-probe"), extra=["--max-samples", "2", "--no-progress"])
     assert (workspace / "runs/glyph-probe/eval-vqa-blank.json").is_file()

@@ -68,3 +68,12 @@ def test_tiny_recipes_chain() -> None:
     assert vision.model.encoder_checkpoint and vision.model.train == ["image.encoder", "image.fusion"]
     for cfg in (lm, encoder, vision):
         assert cfg.train.steps <= 500 and cfg.data.shards
+
+
+def test_glyph_probe_recipes_share_one_backbone() -> None:
+    encoder, probe = load_recipe("tiny_glyph_encoder"), load_recipe("tiny_glyph_probe")
+    assert {k: v for k, v in probe.model.vision.items() if k != "n_gated_layers"} == encoder.model.vision
+    assert encoder.model.vision["stem_pixel_path"] is False and encoder.model.contrastive["pool"] == "max"
+    assert probe.model.encoder_checkpoint == "runs/glyph-encoder" and probe.data.task == "vqa"
+    bases = load_recipe("tiny_image_encoder_pretrain"), load_recipe("tiny_vision_pretrain")
+    assert (stage_kind(encoder), stage_kind(probe)) == tuple(stage_kind(b) for b in bases)

@@ -1,9 +1,8 @@
 """The spatial probe (issue 12) through the user's commands: `synth glyphs` shards, `mm-llama train
-tiny_image_encoder_pretrain` then `tiny_vision_pretrain` from its encoder, `mm-llama eval --task vqa` with and
-without blank images. The frozen base LM is a random tiny Llama, so the answer can only come from the image
-through the cross-attention. And the encoder stage of the README's probe command
-(`tiny_image_encoder_pretrain` with `pool: max` and the stem without its raw-patch path) teaches the ViT
-which glyph it sees: a linear probe reads held-out identity from its tokens far above a random ViT's."""
+tiny_glyph_encoder` then `tiny_glyph_probe` from its encoder (the README's recipes, shorter), `mm-llama eval
+--task vqa` with and without blank images. The frozen base LM is a random tiny Llama, so the answer can only
+come from the image through the cross-attention. And the encoder stage teaches the ViT which glyph it sees:
+a linear probe reads held-out identity from its tokens far above a random ViT's."""
 
 from __future__ import annotations
 
@@ -18,13 +17,10 @@ from mm_llama.data.synth.text import read_corpus
 from tests.train.test_trainer_setup import run_command, train_command, write_random_lm
 
 STEPS = 130
-"""Adapter steps at batch 32 from the encoder stage (`glyph_encoder`; the recipe's learning rates and schedule
-otherwise). Measured on this 2-core machine (2026-12-05): position 100 % after 130 steps (blank 9 %), 57 % after
-80. From a random encoder with the raw patches beside the stem it took 200 steps to reach 95 %."""
-STEM = {"model.vision.stem_channels": [24, 48, 96, 96, 96, 96], "model.vision.stem_strides": [2, 2, 2, 2, 1, 1],
-        "model.vision.stem_pixel_path": False}
-"""The convolutional stem the README's probe command gives the ViT (total stride 16, the recipe's patch size),
-without the raw patches beside it."""
+"""Adapter steps at batch 32 from the encoder stage (`glyph_encoder`; `tiny_glyph_probe`'s rates and schedule
+otherwise). Measured on this 2-core machine (2026-12-05): position 99 % after 130 steps (blank 18 %). From a random
+encoder with the raw patches beside the stem it took 200 steps to reach 95 %."""
+ENCODER_RECIPE, PROBE_RECIPE = "tiny_glyph_encoder", "tiny_glyph_probe"
 
 
 def _base_lm(root: Path) -> Path:
@@ -63,9 +59,9 @@ def test_tiny_recipe_learns_where_the_glyph_is_from_the_image(probe_data: tuple[
         "model.base_lm": str(base), "model.encoder_checkpoint": str(glyph_encoder), "data.task": "vqa",
         "data.shards": [str(data / "image-qa" / "glyphs-train-*.tar")], "data.batch_size": 32,
         "train.steps": STEPS, "train.device": "cpu", "checkpoint.every": STEPS, "logging.progress": False,
-        "logging.tensorboard": False, **STEM,
+        "logging.tensorboard": False,
     }
-    done = run_command([*train_command(), "tiny_vision_pretrain", *(f"{k}={json.dumps(v)}" for k, v in overrides.items()),
+    done = run_command([*train_command(), PROBE_RECIPE, *(f"{k}={json.dumps(v)}" for k, v in overrides.items()),
                         "--out", str(run)], tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -78,9 +74,8 @@ def test_tiny_recipe_learns_where_the_glyph_is_from_the_image(probe_data: tuple[
 
 
 ENCODER_STEPS = 120
-"""Contrastive steps at batch 32 (`pool: max`, stem without its raw-patch path, ViT at lr 1e-3, as the README's
-probe command but shorter). Measured on this 2-core machine (2026-12-05): probe identity 50.0 % against 7.3 %
-for a random ViT; 73 s."""
+"""Contrastive steps at batch 32 (`tiny_glyph_encoder` otherwise). Measured on this 2-core machine (2026-12-05):
+probe identity 54.7 % against 7.3 % for a random ViT; the whole module 2 min 10 s."""
 
 
 def _glyph_tiles(split: str, n: int) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -101,14 +96,16 @@ def _probe_accuracy(weights: Path | None) -> float:
     max-pooled over the tile, fitted on 2,000 training images."""
     import torch
 
-    from mm_llama.encoders.timm_vit import TimmEncoderConfig, TimmTiledEncoder
+    from mm_llama.checkpoints.multimodal_loading import vision_config_from_dict
+    from mm_llama.encoders.timm_vit import TimmTiledEncoder, load_backbone_weights
+    from mm_llama.train.build import vision_fields
+    from mm_llama.train.recipe import load_recipe
 
     torch.manual_seed(0)
-    encoder = TimmTiledEncoder(TimmEncoderConfig(
-        model_name="vit_tiny_patch16_224", timm_kwargs={"embed_dim": 96, "depth": 4, "num_heads": 4}, tile_size=128,
-        max_tiles=1, taps=(1, 3), n_gated_layers=1, weights=None if weights is None else str(weights),
-        stem_channels=tuple(STEM["model.vision.stem_channels"]), stem_strides=tuple(STEM["model.vision.stem_strides"]),
-        stem_pixel_path=False)).eval()
+    fields = {**vision_fields(load_recipe(ENCODER_RECIPE, [])), "n_gated_layers": 1}
+    encoder = TimmTiledEncoder(vision_config_from_dict("timm", fields)).eval()
+    if weights is not None:
+        load_backbone_weights(encoder.backbone, weights)
 
     def features(tiles: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -133,16 +130,15 @@ def _probe_accuracy(weights: Path | None) -> float:
 
 @pytest.fixture(scope="module")
 def glyph_encoder(probe_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README probe's encoder stage, shorter: `tiny_image_encoder_pretrain` run folder."""
+    """The README probe's encoder stage, shorter: a `tiny_glyph_encoder` run folder."""
     data, base = probe_data
     run = tmp_path_factory.mktemp("glyph-encoder") / "encoder"
     overrides = {
         "model.base_lm": str(base), "data.shards": [str(data / "image-caption" / "glyphs-train-*.tar")],
-        "model.contrastive.pool": "max", **STEM, "optim.lr_multipliers": {"image.encoder": 0.5},
         "data.batch_size": 32, "train.steps": ENCODER_STEPS, "train.device": "cpu", "checkpoint.every": ENCODER_STEPS,
         "logging.progress": False, "logging.tensorboard": False,
     }
-    done = run_command([*train_command(), "tiny_image_encoder_pretrain",
+    done = run_command([*train_command(), ENCODER_RECIPE,
                         *(f"{k}={json.dumps(v)}" for k, v in overrides.items()), "--out", str(run)], run.parent, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     return run
