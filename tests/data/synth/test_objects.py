@@ -34,8 +34,7 @@ def test_splits_are_disjoint_by_content() -> None:
     for split in ("train", "val", "test"):
         seen[split] = set()
         for i in range(60):
-            obj = make_object_sample(0, split, i).placed.obj
-            description = f"scene:{obj.size} {obj.colour} {obj.shape} {obj.position}"
+            description = grammar.Scene((make_object_sample(0, split, i).placed.obj,)).description()
             assert split_of(description) == split
             seen[split].add(description)
     assert not seen["train"] & seen["val"] and not seen["train"] & seen["test"] and not seen["val"] & seen["test"]
