@@ -27,6 +27,8 @@ __all__ = [
     "LOG_INTERVAL_S",
     "STAGES",
     "LoaderStats",
+    "NO_TYPE",
+    "QuestionTypesError",
     "SkipRecord",
     "StatsRecorder",
     "TooManySkippedError",
@@ -45,6 +47,16 @@ STAGES = ("read", "decode", "transform", "tokenize", "collate")
 """Pipeline stages timed with `time.perf_counter` (seconds accumulate in `LoaderStats.seconds`):
 read = pulling samples out of the tar stream and shuffle buffer, decode = media/JSON/text decoding,
 transform = augmentation + tiling / log-mel, tokenize = prompt building, collate = batch collation."""
+
+
+NO_TYPE = "<none>"
+"""How `LoaderStats.left_out` counts a record without a question type."""
+TYPES_MET_LIMIT = 10_000
+"""Records an endless (resampled) stream may leave out, none kept, before `QuestionTypesError`."""
+
+
+class QuestionTypesError(ValueError):
+    """A loader's ``question_types`` kept not one of the records it read."""
 
 
 class TooManySkippedError(RuntimeError):
@@ -84,6 +96,8 @@ class LoaderStats:
         the ``stats.json`` that ``mm-llama shards`` writes beside its shards).
     lost_unknown: damaged archives after which an unknown number of samples was lost (the rest of the
         shard; no ``stats.json`` says how many samples it held).
+    left_out: usable records of question types the loader was told to leave out (``question_types``),
+        by their type (``"<none>"`` for a record without one); not skips.
     """
 
     samples: int = 0
@@ -95,6 +109,7 @@ class LoaderStats:
     seconds: dict[str, float] = field(default_factory=dict)
     lost: int = 0
     lost_unknown: int = 0
+    left_out: Counter[str] = field(default_factory=Counter)
 
     # -- derived ---------------------------------------------------------------------------------
 
@@ -137,6 +152,7 @@ class LoaderStats:
         self.shards += other.shards
         self.lost += other.lost
         self.lost_unknown += other.lost_unknown
+        self.left_out.update(other.left_out)
         for stage, s in other.seconds.items():
             self.add_time(stage, s)
         return self
@@ -190,6 +206,7 @@ class LoaderStats:
             f"{self.samples} samples in {self.batches} batches, {self.skipped_total} skipped"
             + (f" ({reasons})" if reasons else "")
             + (f", {self.lost_text()}" if self.lost or self.lost_unknown else "")
+            + (f", {sum(self.left_out.values())} of other question types left out" if self.left_out else "")
             + f", {self.shards} shards opened, {self.bytes / 1e6:.1f} MB"
         )
 
@@ -206,6 +223,7 @@ class LoaderStats:
             "shards": self.shards,
             "lost": self.lost,
             "lost_unknown": self.lost_unknown,
+            "left_out": dict(self.left_out),
             "seconds": dict(self.seconds),
         }
 
@@ -338,6 +356,23 @@ class StatsRecorder:
         """What happened since the previous call (and reset it)."""
         delta, self.pending = self.pending, LoaderStats()
         return delta
+
+    def leave_out(self, qtype: str | None) -> None:
+        """A usable record of a question type outside the loader's ``question_types``."""
+        for s in (self.total, self.pending):
+            s.left_out[qtype or NO_TYPE] += 1
+
+    def check_types_met(self, question_types: frozenset[str] | None, *, finished: bool = False) -> None:
+        """Raise `QuestionTypesError` when this worker left out every record it met: at the end of a
+        pass over its shards (``finished``), or after `TYPES_MET_LIMIT` records of an endless stream."""
+        left_out = sum(self.total.left_out.values())
+        if question_types is None or self.total.samples or not left_out:
+            return
+        if finished or left_out >= TYPES_MET_LIMIT:
+            met = ", ".join(f"{t} ({n})" for t, n in self.total.left_out.most_common(8))
+            raise QuestionTypesError(
+                f"question_types {sorted(question_types)} matched none of the {left_out} records read (their "
+                f"KEY.json type: {met}); name types that occur in the shards, or drop question_types")
 
     def check_stuck(self, min_samples: int) -> None:
         """Raise `TooManySkippedError` when this worker met `min_samples` samples and could use none.

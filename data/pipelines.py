@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 from mm_llama.data.collate import (
@@ -70,6 +71,7 @@ from mm_llama.data.sample_processors import (
     _ImageProcessor,
     _VideoProcessor,
     check_prompt_for,
+    check_question_types,
 )
 from mm_llama.data.shard_source import UnreadableShardsError, expand_shards, node_info
 from mm_llama.data.tasks import task_names
@@ -148,6 +150,7 @@ def image_text_loader(
     task: str = "caption",
     prompt: str | None = None,
     media: MediaTokens | None = None,
+    question_types: Iterable[str] | None = None,
 ) -> Loader[ImageTextBatch]:
     """Image-text batches for `task` ``"caption"`` (caption from ``KEY.txt`` or ``caption`` in
     ``KEY.json``), ``"vqa"`` (``question`` / ``answer`` in ``KEY.json``) or ``"caption_vqa"`` (per record:
@@ -158,12 +161,13 @@ def image_text_loader(
     caption instruction; for ``vqa`` it is a wording with a ``{question}`` slot). Batches are `ImageTextBatch`: ``text.input_ids / labels / attention_mask
     [B, T]``, ``images.pixels [B, 1, max_tiles, 3, tile, tile]``, ``aspect_ratio_ids [B, 1]``,
     ``tile_mask [B, 1, max_tiles]``. `media` defaults to ``MediaTokens(tokenizer.vocab_size)``.
+    `question_types` keeps only records whose KEY.json ``type`` is one of them (`check_question_types`).
     """
     if task not in IMAGE_TASKS:
         raise ValueError(f"image_text_loader task must be one of {IMAGE_TASKS}, got {task!r}")
     urls, tok, media, pad_id = _setup(config, tokenizer, media)
     check_prompt_for(task, prompt)
-    processor = _ImageProcessor(task, tok, media, config, prompt=prompt)
+    processor = _ImageProcessor(task, tok, media, config, check_question_types(question_types), prompt=prompt)
     stream = _BatchStream(urls, config, processor, collate_image_text,
                           {"pad_id": pad_id, "max_tiles": config.max_tiles, "tile_size": config.tile_size})
     return Loader(stream, task)
@@ -177,6 +181,7 @@ def video_text_loader(
     num_frames: int = 8,
     prompt: str | None = None,
     media: MediaTokens | None = None,
+    question_types: Iterable[str] | None = None,
 ) -> Loader[VideoTextBatch]:
     """Video-text batches for `task` ``"video_caption"`` or ``"video_qa"``.
 
@@ -184,7 +189,7 @@ def video_text_loader(
     tiled like an image (`prompt`: the caption instruction, or for ``video_qa`` a wording with a
     ``{question}`` slot). Batches are `VideoTextBatch`: text ``[B, T]``, ``frames.pixels
     [B, K, max_tiles, 3, tile, tile]`` with ``frames.tile_mask [B, K, max_tiles]`` and ``frame_mask
-    [B, K]``.
+    [B, K]``. `question_types` as for `image_text_loader`.
     """
     if task not in VIDEO_TASKS:
         raise ValueError(f"video_text_loader task must be one of {VIDEO_TASKS}, got {task!r}")
@@ -192,7 +197,8 @@ def video_text_loader(
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
     urls, tok, media, pad_id = _setup(config, tokenizer, media)
     check_prompt_for(task, prompt)
-    processor = _VideoProcessor(task, tok, media, config, num_frames=num_frames, prompt=prompt)
+    processor = _VideoProcessor(task, tok, media, config, check_question_types(question_types),
+                                num_frames=num_frames, prompt=prompt)
     stream = _BatchStream(urls, config, processor, collate_video_text,
                           {"pad_id": pad_id, "max_tiles": config.max_tiles, "tile_size": config.tile_size})
     return Loader(stream, task)

@@ -18,7 +18,7 @@ from mm_llama.data.json_limits import JSONLimitError, loads_limited
 from mm_llama.data.loader_config import LoaderConfig
 from mm_llama.data.loader_stats import StatsRecorder
 from mm_llama.data.prompts import EmptyLabelsError, Example, build_example, speech_token_count
-from mm_llama.data.records import RecordError
+from mm_llama.data.records import Record, RecordError
 from mm_llama.data.tasks import get_task
 from mm_llama.encoders.audio_features import FRAMES_PER_SECOND, SAMPLE_RATE, log_mel
 from mm_llama.media_tokens import MediaTokens
@@ -100,12 +100,21 @@ def _metadata(sample: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
     return text, meta
 
 
-def _read(task: str, text: str | None, meta: Mapping[str, Any], **options: Any) -> tuple[str, dict[str, Any]]:
-    """`(the task the record is, its fields)`: the registry's record reader (a mixture picks its part);
+class _LeftOut(Exception):
+    """Internal: a usable record of a question type the loader was told to leave out (`question_types`);
+    counted as `LoaderStats.left_out`, not as a skip."""
+
+    def __init__(self, qtype: str | None) -> None:
+        super().__init__(qtype)
+        self.qtype = qtype
+
+
+def _read(task: str, text: str | None, meta: Mapping[str, Any], **options: Any) -> tuple[str, Record]:
+    """`(the task the record is, the record)`: the registry's record reader (a mixture picks its part);
     an unusable record is a `_Skip` with the reader's reason."""
     spec = get_task(task)
     try:
-        return spec.resolve(meta).name, dict(spec.read(text, meta, **options).fields)
+        return spec.resolve(meta).name, spec.read(text, meta, **options)
     except RecordError as e:
         raise _Skip(e.reason, str(e)) from None
 
@@ -120,15 +129,36 @@ def check_prompt_for(task: str, prompt: str | None) -> None:
                          f"prompt is a wording around each question, e.g. 'Answer briefly. {QUESTION_SLOT}'")
 
 
+def check_question_types(question_types: Iterable[str] | None) -> frozenset[str] | None:
+    """The question types a loader keeps (records whose KEY.json ``type`` / ``question_type`` is one of
+    them; a curriculum stage on one kind of question), or None for every record; ValueError for an empty
+    list or a value that is not a non-empty string."""
+    if question_types is None:
+        return None
+    if isinstance(question_types, str):
+        raise ValueError(f"question_types must be a list of type names, e.g. ['shape'], got the string "
+                         f"{question_types!r}")
+    types = list(question_types)
+    bad = [t for t in types if not isinstance(t, str) or not t.strip()]
+    if bad or not types:
+        raise ValueError(f"question_types must be a non-empty list of type names (KEY.json 'type'), got {types!r:.120}")
+    return frozenset(types)
+
+
 class _Processor:
-    """Base of the per-family sample processors: a pipeline stage `(samples, recorder) → _Item`s."""
+    """Base of the per-family sample processors: a pipeline stage `(samples, recorder) → _Item`s.
 
+    `question_types`: keep only records whose KEY.json ``type`` (or ``question_type``) is one of these
+    (None: every record); the others are left out before their media is decoded and counted apart from
+    skips (`LoaderStats.left_out`)."""
 
-    def __init__(self, task: str, tokenizer: Tokenizer, media: MediaTokens, config: LoaderConfig) -> None:
+    def __init__(self, task: str, tokenizer: Tokenizer, media: MediaTokens, config: LoaderConfig,
+                 question_types: frozenset[str] | None = None) -> None:
         self.task = task
         self.tokenizer = tokenizer
         self.media = media
         self.config = config
+        self.question_types = question_types
 
     def tokenize(self, recorder: StatsRecorder, fields: Mapping[str, Any], task: str | None = None) -> Example:
         """``fields`` as a prompt + response of ``task`` (default: the processor's)."""
@@ -144,7 +174,10 @@ class _Processor:
         trained as it will be asked: `short_answer_question`)."""
         with _Timer(recorder, "decode", "bad_metadata"):
             text, meta = _metadata(sample)
-        task, fields = _read(self.task, text, meta)
+        task, record = _read(self.task, text, meta)
+        if self.question_types is not None and record.qtype not in self.question_types:
+            raise _LeftOut(record.qtype)
+        fields = dict(record.fields)
         user_field = get_task(task).user_field
         if prompt is not None and user_field == "prompt":
             fields["prompt"] = prompt
@@ -167,7 +200,7 @@ class _Processor:
             try:
                 sample = next(it)
             except StopIteration:
-                return
+                break
             recorder.time("read", perf_counter() - t0)
             source = f"{sample.get('__url__', '<unknown shard>')}:{sample.get('__key__', '<no key>')}"
             try:
@@ -177,8 +210,14 @@ class _Processor:
                 if self.config.resampled:  # an endless stream must not spin over unusable data
                     recorder.check_stuck(self.config.min_samples_before_check)
                 continue
+            except _LeftOut as left:
+                recorder.leave_out(left.qtype)
+                if self.config.resampled:
+                    recorder.check_types_met(self.question_types)
+                continue
             recorder.sample(sum(len(v) for k, v in sample.items() if isinstance(v, (bytes, bytearray))))
             yield item
+        recorder.check_types_met(self.question_types, finished=True)
 
 
 class _ImageProcessor(_Processor):
@@ -235,7 +274,7 @@ class _AudioProcessor(_Processor):
     def fields(self, meta: Mapping[str, Any]) -> dict[str, Any]:
         options = ({"default_language": self.default_language} if self.task == "asr"
                    else {"target_language": self.target_language})
-        return _read(self.task, None, meta, **options)[1]
+        return dict(_read(self.task, None, meta, **options)[1].fields)
 
     def make(self, sample: Mapping[str, Any], source: str, recorder: StatsRecorder) -> _Item:
         ext, data = _member(sample, AUDIO_EXTENSIONS, "audio")
