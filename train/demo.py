@@ -14,9 +14,10 @@ stage              for                         what
                                                training transcripts (`demo_data.write_asr_text`)
 ``tokenizer``      all                         BPE on the text (`demo_data.tokenizer_documents`)
 ``lm``             all                         ``tiny_lm_pretrain`` on the text shards (then frozen)
-``data-image``     image, video                shapes train + test
-``encoder``        image, video                ``tiny_image_encoder_pretrain`` (contrastive ViT)
-adapter stages     image, video                ``tiny_vision_pretrain`` runs (`AdapterStage`)
+``data-image``     image, video                shapes train + test, objects train (for the encoder)
+``encoder``        image, video                ``tiny_image_encoder_pretrain`` (contrastive ViT) on objects
+adapter stages     image, video                ``tiny_vision_pretrain`` runs (`AdapterStage`): ``shape``
+                                               (shape questions), then ``vision`` (conversations)
 ``eval-vqa`` …     image                       VQA and captions, each also with blank images
 ``data-video``     video                       moving-shapes train + test
 ``video``          video                       ``tiny_video_pretrain`` from the last adapter stage
@@ -166,9 +167,9 @@ class _Demo:
         self.state.done(stage.name, seconds)
         self.log(f"[demo] {stage.name}: done in {seconds:.1f} s{f' ({note})' if note else ''}")
 
-    def shards(self, layout: str, split: str) -> list[str]:
+    def shards(self, layout: str, split: str, kind: str | None = None) -> list[str]:
         try:
-            return synth_shards(self.data, layout, split)
+            return synth_shards(self.data, layout, split, kind)
         except FileNotFoundError as err:
             raise DemoError(f"{err}; rerun with --resume or --overwrite") from err
 
@@ -271,14 +272,17 @@ class _Demo:
         s, out = self.settings, self.out
         square = {"square": True} if s.square_images else {}
         stages = [
-            _Stage("data-image", f"writing shapes images to {self.data}",
-                   (self.data / "synth-shapes-train.json", self.data / "synth-shapes-test.json"),
-                   lambda: self.write("shapes", [("train", s.train_images), ("test", s.test_images)], **square)),
-            _Stage(ENCODER_RUN, "contrastive ViT pretraining (tiny_image_encoder_pretrain)",
+            _Stage("data-image", f"writing shapes and objects images to {self.data}",
+                   (self.data / "synth-shapes-train.json", self.data / "synth-shapes-test.json",
+                    self.data / "synth-objects-train.json"),
+                   lambda: "; ".join([self.write("shapes", [("train", s.train_images), ("test", s.test_images)],
+                                                 **square),
+                                      "objects: " + self.write("objects", [("train", s.encoder_images)])])),
+            _Stage(ENCODER_RUN, "contrastive ViT pretraining on objects captions (tiny_image_encoder_pretrain)",
                    (out / ENCODER_RUN / "encoder.safetensors",),
                    lambda: self.train(ENCODER_RUN, "tiny_image_encoder_pretrain", {
-                       "model.base_lm": str(out / LM_RUN), "data.shards": self.shards("image-caption", "train")},
-                       s.encoder)),
+                       **s.vision, "model.base_lm": str(out / LM_RUN),
+                       "data.shards": self.shards("image-caption", "train", "objects")}, s.encoder)),
         ]
         for stage in s.adapter_stages:
             stages.append(_Stage(stage.name, f"training the image adapter ({stage.recipe}, task {stage.task})",
@@ -289,7 +293,8 @@ class _Demo:
 
     def adapter_paths(self, stage: AdapterStage) -> Overrides:
         out = self.out
-        paths: Overrides = {"model.base_lm": str(out / LM_RUN), "model.encoder_checkpoint": str(out / ENCODER_RUN),
+        paths: Overrides = {**self.settings.vision, "model.base_lm": str(out / LM_RUN),
+                            "model.encoder_checkpoint": str(out / ENCODER_RUN),
                             "data.task": stage.task,
                             "data.shards": [shard for layout in stage.train_layouts()
                                             for shard in self.shards(layout, "train")]}
@@ -313,7 +318,7 @@ class _Demo:
             _Stage(VIDEO_RUN, "training the video adapter (tiny_video_pretrain; the image run frozen)",
                    (out / VIDEO_RUN / "adapter.safetensors",),
                    lambda: self.train(VIDEO_RUN, "tiny_video_pretrain", {
-                       "model.base_lm": str(out / LM_RUN), "model.init_from": str(out / s.adapter_stages[-1].name),
+                       **s.vision, "model.base_lm": str(out / LM_RUN), "model.init_from": str(out / s.adapter_stages[-1].name),
                        "data.shards": self.shards("video-chat", "train")}, s.video)),
             *self.eval_stages(VIDEO_RUN, "video_qa", "video-qa", s.eval_video_samples, "frozen frames"),
         ]

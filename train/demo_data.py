@@ -19,8 +19,9 @@ __all__ = ["ASR_TEXT_LAYOUT", "DEMO_KINDS", "SILENCE_LAYOUT", "SILENCE_TRANSCRIP
            "available_cores", "synth_shards", "tokenizer_documents", "train_shards", "write_asr_text", "write_kind",
            "write_silence"]
 
-DEMO_KINDS: tuple[str, ...] = ("shapes", "text", "moving-shapes", "speech")
-"""The synthetic kinds the demo writes (the layouts of each are `write_synth`'s)."""
+DEMO_KINDS: tuple[str, ...] = ("shapes", "objects", "text", "moving-shapes", "speech")
+"""The synthetic kinds the demo writes (the layouts of each are `write_synth`'s); a layout two kinds write
+(``image-caption``: shapes and objects) is the first's unless `synth_shards` is told the kind."""
 ASR_TEXT_LAYOUT = "asr-text"
 SILENCE_LAYOUT = "speech-silence"
 SILENCE_TRANSCRIPT = "."
@@ -52,13 +53,14 @@ def write_kind(data: Path, kind: str, split: str, n: int, *, seed: int, samples_
     return ", ".join(f"{layout.samples} {name} {split}" for name, layout in summary.layouts.items())
 
 
-def synth_shards(data: Path, layout: str, split: str) -> list[str]:
-    """The shard files `write_synth` wrote for ``layout`` / ``split`` (from its manifest); FileNotFoundError
-    when the data stage that writes them has not finished."""
+def synth_shards(data: Path, layout: str, split: str, kind: str | None = None) -> list[str]:
+    """The shard files `write_synth` wrote for ``layout`` / ``split`` (from its manifest) of ``kind``
+    (default: the first of `DEMO_KINDS` that writes ``layout``); FileNotFoundError when the data stage that
+    writes them has not finished."""
     from mm_llama.data.synth import summary_path
     from mm_llama.data.synth.write import KINDS
 
-    kind = next(k for k in DEMO_KINDS if layout in KINDS[k].layouts)
+    kind = kind or next(k for k in DEMO_KINDS if layout in KINDS[k].layouts)
     manifest = summary_path(data, kind, split)
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} is missing: the data stage of {kind} did not finish")

@@ -153,7 +153,8 @@ class DataConfig:
     audio; `max_seq_len`: tokens per sample (null = no limit); `tokenizer`: path (null = the base LM's);
     `prompt`: overrides the task's instruction (question answering: a wording with a `{question}` slot,
     e.g. "Answer the question using a single word or phrase. {question}", the paper's evaluation wording);
-    `options`: further task-specific keyword arguments.
+    `options`: further task-specific keyword arguments (``allow_special`` for ``lm``; for image and video
+    question answering ``question_types: [shape]`` trains only on records whose KEY.json ``type`` is listed).
     """
 
     shards: list[str] = field(default_factory=list)

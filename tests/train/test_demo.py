@@ -19,10 +19,10 @@ from mm_llama.train.demo import (
 from mm_llama.train.recipe import load_recipe
 
 PNG = b"\x89PNG\r\n\x1a\n"
-TRAINING_STAGES = ("lm", "encoder", "vision", "video", "speech-encoder", "speech")
+TRAINING_STAGES = ("lm", "encoder", "shape", "vision", "video", "speech-encoder", "speech")
 IMAGE_EVALS = ("eval-vqa", "eval-vqa-blank", "eval-caption", "eval-caption-blank")
 EVALS = (*IMAGE_EVALS, "eval-video_qa", "eval-video_qa-blank", "eval-asr", "eval-asr-blank")
-STAGES = ("data-text", "tokenizer", "lm", "data-image", "encoder", "vision", *IMAGE_EVALS, "data-video", "video",
+STAGES = ("data-text", "tokenizer", "lm", "data-image", "encoder", "shape", "vision", *IMAGE_EVALS, "data-video", "video",
           "eval-video_qa", "eval-video_qa-blank", "data-speech", "speech-encoder", "speech", "eval-asr",
           "eval-asr-blank")
 
@@ -57,7 +57,8 @@ def demo(speech_first) -> tuple[DemoResult, list[str]]:
 def _outputs(out: Path) -> list[Path]:
     return [out / "tokenizer" / "tokenizer.json", out / "tokenizer" / "tokenizer.model",
             out / "lm" / "model" / "config.json", out / "lm" / "model" / "model.safetensors",
-            out / "encoder" / "encoder.safetensors", out / "vision" / "adapter.safetensors",
+            out / "encoder" / "encoder.safetensors", out / "shape" / "adapter.safetensors",
+            out / "vision" / "adapter.safetensors",
             out / "video" / "adapter.safetensors", out / "speech-encoder" / "speech_encoder.safetensors",
             out / "speech" / "adapter.safetensors", *(out / "eval" / f"{name}.json" for name in EVALS)]
 
@@ -81,14 +82,24 @@ def test_quick_demo_writes_every_stage_output(demo) -> None:
     for path in _outputs(out):
         assert path.is_file(), path
     for layout in ("image-caption", "image-qa", "image-chat", "video-qa", "video-chat", "speech"):
-        assert {p.name.split("-")[0] for p in (out / "data" / layout).glob("*.tar")} == {"test", "train"}, layout
+        assert {p.name.split("-")[0] for p in (out / "data" / layout).glob("[!o]*.tar")} == {"test", "train"}, layout
+    assert [p.name for p in (out / "data" / "image-caption").glob("objects-*.tar")] == ["objects-train-000000.tar"]
     assert (out / "data" / "text" / "train-corpus.txt").is_file()
     config = load_recipe(out / "lm" / "config.yaml")
     assert config.data.options == {"allow_special": True} and config.train.steps == 3
     assert {Path(s).parent.name for s in config.data.shards} == {"text", "asr-text"}
+    encoder = load_recipe(out / "encoder" / "config.yaml")  # the objects captions, on the settings' backbone
+    assert [Path(s).name for s in encoder.data.shards] == ["objects-train-000000.tar"]
+    backbone = {k.removeprefix("model.vision."): v for k, v in DemoSettings().vision.items()}
+    shape = load_recipe(out / "shape" / "config.yaml")  # shape questions alone, the encoder frozen
+    assert shape.data.options == {"question_types": ["shape"]} and shape.model.train == ["image.fusion"]
+    assert {Path(s).parent.name for s in shape.data.shards} == {"image-qa"}
     adapter = load_recipe(out / "vision" / "config.yaml")
     assert adapter.data.task == "vqa"  # each image's questions and caption as one conversation
     assert {Path(s).parent.name for s in adapter.data.shards} == {"image-chat"}
+    assert Path(adapter.model.init_from) == out / "shape" and adapter.model.train == ["image.fusion"]
+    for run in (encoder, shape, adapter):
+        assert {k: run.model.vision[k] for k in backbone} == backbone
     video = load_recipe(out / "video" / "config.yaml")
     assert Path(video.model.init_from) == out / "vision" and video.data.prompt is None
     speech = load_recipe(out / "speech" / "config.yaml")
@@ -208,21 +219,24 @@ def test_settings_are_validated_and_their_overrides_fit_the_recipes() -> None:
     for settings in (DemoSettings(), DemoSettings.quick()):
         assert settings.problems() == []
         load_recipe("tiny_lm_pretrain", override_args(settings.lm))
-        load_recipe("tiny_image_encoder_pretrain", override_args(settings.encoder))
+        load_recipe("tiny_image_encoder_pretrain", override_args({**settings.vision, **settings.encoder}))
         for stage in settings.adapter_stages:
-            load_recipe(stage.recipe, override_args(stage.overrides))
-        load_recipe("tiny_video_pretrain", override_args(settings.video))
+            load_recipe(stage.recipe, override_args({**settings.vision, **stage.overrides}))
+        load_recipe("tiny_video_pretrain", override_args({**settings.vision, **settings.video}))
         load_recipe("tiny_speech_sft", override_args(settings.speech))
         if settings.speech_pretrain is not None:
             load_recipe("tiny_speech_bestrq", override_args(settings.speech_pretrain))
     two = DemoSettings(adapter_stages=[AdapterStage("vqa"), AdapterStage("caption", "caption", init_from="vqa")])
     assert two.problems() == []
-    bad = DemoSettings(train_images=0, vocab_size=100, lm={"train.steps=3": 1},
+    bad = DemoSettings(train_images=0, encoder_images=-1, vocab_size=100, lm={"train.steps=3": 1},
+                       vision={"model.vision.stem_pixel_path": "mean", "model.fusion_layers": [0]},
                        square_images="yes",  # type: ignore[arg-type]
                        adapter_stages=[AdapterStage("lm"), AdapterStage("b", "captions", init_from="c"),
                                        AdapterStage("d", layouts=("image-chats",))])
     problems = "\n".join(bad.problems())
-    for text in ("train_images must be a positive integer, got 0", "vocab_size must be an integer >= 257",
+    for text in ("train_images must be a positive integer, got 0", "encoder_images must be a positive integer, got -1",
+                 "vision: key 'model.fusion_layers' is not under model.vision.",
+                 "vocab_size must be an integer >= 257",
                  "'train.steps=3' is not a dotted recipe key", "name is taken",
                  "task must be one of ['caption', 'vqa', 'caption_vqa'], got 'captions'",
                  "init_from 'c' is not an earlier adapter stage", "square_images must be true or false, got 'yes'",
