@@ -91,8 +91,8 @@ def test_quick_demo_writes_every_stage_output(demo) -> None:
     encoder = load_recipe(out / "encoder" / "config.yaml")  # the objects captions, on the settings' backbone
     assert [Path(s).name for s in encoder.data.shards] == ["objects-train-000000.tar"]
     backbone = {k.removeprefix("model.vision."): v for k, v in DemoSettings().vision.items()}
-    shape = load_recipe(out / "shape" / "config.yaml")  # shape questions alone, the encoder frozen
-    assert shape.data.options == {"question_types": ["shape"]} and shape.model.train == ["image.fusion"]
+    shape = load_recipe(out / "shape" / "config.yaml")  # shape and colour questions, the encoder frozen
+    assert shape.data.options == {"question_types": ["shape", "colour"]} and shape.model.train == ["image.fusion"]
     assert {Path(s).parent.name for s in shape.data.shards} == {"image-qa"}
     adapter = load_recipe(out / "vision" / "config.yaml")
     assert adapter.data.task == "vqa"  # each image's questions and caption as one conversation
