@@ -41,8 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Run the whole pipeline on synthetic data, from nothing: write chat-formatted text (mm-llama synth) "
             "and the speech transcripts as ASR exchanges, train a BPE tokenizer, pretrain a tiny Llama 3 LM "
-            "(tiny_lm_pretrain), then with that LM frozen, per modality: images: shapes images, a tiny ViT "
-            "pretrained contrastively (tiny_image_encoder_pretrain), the image adapter (tiny_vision_pretrain); "
+            "(tiny_lm_pretrain), then with that LM frozen, per modality: images: shapes and objects images, a tiny "
+            "conv-stem ViT pretrained contrastively on the objects captions (tiny_image_encoder_pretrain), the "
+            "image adapter on shape and colour questions, then on conversations, the ViT frozen "
+            "(tiny_vision_pretrain); "
             "video: moving-shapes clips, the video adapter on the image run (tiny_video_pretrain); speech: "
             "espeak-ng utterances, optionally BEST-RQ (tiny_speech_bestrq), the Conformer and speech adapter "
             "(tiny_speech_sft). Each is evaluated on its held-out test split with its control: VQA accuracy and "
