@@ -60,6 +60,8 @@ COVERAGE: dict[str, str] = {
         f"{HERE}::test_make_targets_and_the_demo_synopsis + tests/train/test_demo.py::"
         "test_resume_after_a_finished_run_retrains_nothing_and_rewrites_the_report",
     # inline, in the demo section and the status line
+    "mm-llama demo --modality image": "tests/train/test_demo.py::test_the_modality_option_reads_a_comma_list + "
+                                      "test_a_subset_runs_only_its_stages_and_a_resume_adds_the_others",
     'mm-llama vqa --model runs/demo/vision --image shape.png --question "What colour is the circle?"':
         f"{HERE}::test_the_demo_run_answers_with_the_other_commands",
     "mm-llama eval --model runs/demo/vision ...": f"{HERE}::test_the_demo_run_answers_with_the_other_commands",
