@@ -125,7 +125,8 @@ def _default_video() -> Overrides:
     # same way: data.prompt null sends the question as written. 4 frames merged into one aggregated frame at
     # lr 4e-3 for 500 steps: held-out 61.7 % (frozen frames 44.0 %; turn 82.5 % against 1.8 %) where the
     # recipe's 8 frames at 2e-3 for 300 steps gave 52.3 % (43.8 %) in about the same time (issue 18's notes).
-    # Through the conv-stem objects encoder (2026-12-05): 68.6 % (50.8 %), direction 98.2 % where it was 28.3 %
+    # Through the conv-stem objects encoder (2026-12-05, 300 encoder steps): 64.7 % (47.2 %), direction 100 %
+    # where it was 28.3 %, turn / end colour 46 / 45 % where they were 88 / 87 %
     return {"data.prompt": None, "data.num_frames": 4, "optim.lr": 4e-3, "train.steps": 500,
             "model.video": {"aggregator": {"preset": "tiny", "group_size": 4}, "fusion_layers": [1, 3]}}
 
