@@ -26,6 +26,9 @@ from torch import nn
 from mm_llama.adapters.speech_adapter import ENCODER_STACK
 from mm_llama.data.prompts import IGNORE_INDEX
 from mm_llama.data.tasks import TASKS
+from mm_llama.modalities.speech import EncodedSpeech
+from mm_llama.train.optim import unwrap
+from mm_llama.train.speech_ctc import SpeechCtc, embedding_ctc_loss, response_targets
 
 
 @dataclass
@@ -164,12 +167,32 @@ class VideoTextTask(ImageTextTask):
 
 class AudioTextTask(ImageTextTask):
     """ASR / AST (`AudioTextBatch`: log-mel features + lengths) through a `MultimodalLlama` with a speech
-    modality; loss on the response tokens."""
+    modality; loss on the response tokens, plus the CTC aid's (`mm_llama.train.speech_ctc`) when ``ctc`` is set."""
 
     name = "audio_text"
 
+    def __init__(self, device: torch.device, precision: str = "auto", ctc: SpeechCtc | None = None) -> None:
+        super().__init__(device, precision)
+        self.ctc = ctc
+
     def media(self, batch: Any) -> dict[str, Any]:
         return {"speech": batch}
+
+    def step(self, model: nn.Module, batch: Any) -> StepResult:
+        if self.ctc is None:
+            return super().step(model, batch)
+        inner = unwrap(model)
+        encoded = EncodedSpeech(*inner.speech.encode(batch))
+        text = batch.text
+        logits = model(text.input_ids, media={"speech": encoded}, attention_mask=text.attention_mask,
+                       logits_at=predicting_positions(text.labels))
+        loss, units = selected_cross_entropy(logits, text.labels)
+        targets, target_lengths = response_targets(text.labels)
+        ctc = embedding_ctc_loss(encoded.embeds, encoded.lengths, inner.decoder.tok_embeddings.weight, targets,
+                                 target_lengths, blank=self.ctc.blank_id, scale=self.ctc.scale)
+        total = loss + self.ctc.weight * ctc  # both summed; the trainer divides by the answer tokens
+        return StepResult(total, units, int(text.attention_mask.sum()), int(text.input_ids.shape[0]),
+                          {"answer_loss": float(loss.detach()) / max(units, 1), "ctc_loss": float(ctc.detach()) / max(units, 1)})
 
 
 class BestRqTask(Task):
@@ -217,14 +240,19 @@ TASK_FAMILIES: dict[str, Callable[..., Task]] = {
 """The step function of each task family (`mm_llama.data.tasks`) that can train yet."""
 
 
-def task_for(name: str, device: torch.device, precision: str = "auto") -> Task:
+def task_for(name: str, device: torch.device, precision: str = "auto", *, speech_ctc: SpeechCtc | None = None) -> Task:
     """The step function of `data.task` (its family's: `lm`; `caption`, `vqa`, `caption_vqa`; `asr`, `ast`;
-    `contrastive`)."""
+    `contrastive`); ``speech_ctc``: the CTC aid of an `asr` / `ast` stage (`model.speech.ctc`)."""
     spec = TASKS.get(name)
     if spec is None or spec.family not in TASK_FAMILIES:
         trainable = [n for n, s in TASKS.items() if s.family in TASK_FAMILIES]
         raise ValueError(f"no training step for data.task={name!r}; known: {sorted(trainable)}")
-    return TASK_FAMILIES[spec.family](device, precision)
+    if speech_ctc is None:
+        return TASK_FAMILIES[spec.family](device, precision)
+    if spec.family != AudioTextTask.name:
+        raise ValueError(f"model.speech.ctc is an aid of the speech tasks (asr, ast), not of data.task={name!r}; "
+                         "remove it")
+    return AudioTextTask(device, precision, ctc=speech_ctc)
 
 
 __all__ = [

@@ -71,6 +71,7 @@ from mm_llama.train.recipe import RecipeConfig, RecipeError, recipe_to_dict, sav
 from mm_llama.train.resume_check import recipe_changes_on_resume
 from mm_llama.train.run_dir import prepare_run_dir
 from mm_llama.train.signals import StopOnSignal
+from mm_llama.train.speech_ctc import SpeechCtc, speech_ctc_from
 from mm_llama.train.sources import EpochSource
 from mm_llama.train.stages import STAGES, Built, build, resolve_recipe, stage_for
 from mm_llama.train.task_evaluation import MetricEvaluation
@@ -235,6 +236,16 @@ class Trainer:
                                 "to continue that run, or choose a new run directory with --out")
         return latest
 
+    def _speech_ctc(self) -> SpeechCtc | None:
+        """`model.speech.ctc` of a speech stage, its blank looked up in the stage's tokenizer."""
+        fields = self.cfg.model.speech.get("ctc") if self.cfg.model.kind == "multimodal" else None
+        if fields is None or self.built.tokenizer is None:
+            return None
+        try:
+            return speech_ctc_from(fields, self.built.tokenizer)
+        except ValueError as err:
+            raise RecipeError(str(err)) from err
+
     def _resume_checkpoint(self) -> Checkpoint | None:
         """The checkpoint to continue from: the newest one that reads completely. Newer unreadable ones
         are passed over with a warning line each (naming the file and why)."""
@@ -296,7 +307,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.total_steps)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_in_a_row)
-        self.task: Task = task_for(cfg.data.task, self.device, cfg.train.precision)
+        self.task: Task = task_for(cfg.data.task, self.device, cfg.train.precision, speech_ctc=self._speech_ctc())
         source = make_source(cfg, self.built, list(cfg.data.shards), rank=self.ctx.rank, world_size=self.ctx.world_size)
         self.eval_source: EpochSource | None = None
         if cfg.train.eval_every and cfg.data.eval_shards:

@@ -20,7 +20,7 @@ from mm_llama.encoders.conformer import CONFORMER_PRESETS, ConformerConfig, Conf
 from mm_llama.media_tokens import MediaTokens
 from mm_llama.modalities.base import Modality, SpanEmbeddings
 
-__all__ = ["AudioInputs", "SpeechModality", "speech_config_fields", "speech_configs"]
+__all__ = ["AudioInputs", "EncodedSpeech", "SpeechModality", "speech_config_fields", "speech_configs"]
 
 
 class AudioInputs(Protocol):
@@ -28,6 +28,15 @@ class AudioInputs(Protocol):
 
     features: torch.Tensor  # [B, F_max, 80] log-mel, zero-padded
     feature_lengths: torch.Tensor  # [B] real frames per row
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedSpeech:
+    """What `SpeechModality.encode` gave for a batch, passed back as its media so it is not computed twice
+    (a training step that also scores the adapter outputs, `mm_llama.train.speech_ctc`)."""
+
+    embeds: torch.Tensor  # [B, N, D_lm]
+    lengths: torch.Tensor  # [B] real outputs per row
 
 
 class SpeechModality(Modality):
@@ -56,12 +65,12 @@ class SpeechModality(Modality):
         states, lengths = self.encoder(audio.features, audio.feature_lengths)
         return self.adapter(states, lengths)
 
-    def prepare(self, tokens: torch.Tensor, inputs: AudioInputs | None,
+    def prepare(self, tokens: torch.Tensor, inputs: AudioInputs | EncodedSpeech | None,
                 attention_mask: torch.Tensor | None) -> SpanEmbeddings | None:
         if inputs is None:
             return None
         positions = tokens == self.placeholder  # [B, T]
-        embeds, lengths = self.encode(inputs)
+        embeds, lengths = (inputs.embeds, inputs.lengths) if isinstance(inputs, EncodedSpeech) else self.encode(inputs)
         counts = positions.sum(dim=1)
         if counts.shape != lengths.shape or not torch.equal(counts, lengths.to(counts.device)):
             raise ValueError(
@@ -93,11 +102,11 @@ def _config_from(value: Any, presets: dict[str, Any], cls: type, what: str) -> A
 
 def speech_configs(fields: dict[str, Any]) -> tuple[ConformerConfig, SpeechAdapterConfig]:
     """`{encoder: PRESET | {fields}, adapter: PRESET | {fields}}` (a recipe's `model.speech`; both default
-    to `tiny`) → the encoder and adapter configs. (`encoder_checkpoint` and `best_rq` are the stages'.)"""
-    unknown = sorted(set(fields) - {"encoder", "adapter", "encoder_checkpoint", "best_rq"})
+    to `tiny`) → the encoder and adapter configs. (`encoder_checkpoint`, `best_rq` and `ctc` are the stages'.)"""
+    unknown = sorted(set(fields) - {"encoder", "adapter", "encoder_checkpoint", "best_rq", "ctc"})
     if unknown:
-        raise ValueError(f"model.speech: unknown key(s) {unknown}; it takes encoder, adapter, encoder_checkpoint "
-                         "and best_rq")
+        raise ValueError(f"model.speech: unknown key(s) {unknown}; it takes encoder, adapter, encoder_checkpoint, "
+                         "best_rq and ctc")
     return (_config_from(fields.get("encoder"), CONFORMER_PRESETS, ConformerConfig, "model.speech.encoder"),
             _config_from(fields.get("adapter"), SPEECH_ADAPTER_PRESETS, SpeechAdapterConfig, "model.speech.adapter"))
 
