@@ -236,7 +236,8 @@ class _Demo:
     def write_text(self) -> str:
         s = self.settings
         text = self.write("text", [("train", s.text_documents)], chat=True)
-        asr = write_asr_text(self.data, s.speech_train_utterances, seed=s.seed, samples_per_shard=s.samples_per_shard)
+        asr = write_asr_text(self.data, s.speech_train_utterances, seed=s.seed, samples_per_shard=s.samples_per_shard,
+                             copies=s.asr_text_copies)
         return f"{text}; {asr}"
 
     def lm_text_shards(self) -> list[str]:

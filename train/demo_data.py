@@ -27,7 +27,7 @@ SILENCE_LAYOUT = "speech-silence"
 SILENCE_TRANSCRIPT = "."
 """What a silent training clip is labelled: no word after Whisper's normalisation (an empty transcript has no
 label to train, `EmptyReferenceError`), so the model learns to say nothing to silence."""
-SPECIAL_TOKEN_TEXT = re.compile(r"<\|[a-z_]+\|>")
+SPECIAL_TOKEN_TEXT = re.compile(r"<\|[a-z0-9_]+\|>")
 """Special-token text (``<|eot_id|>``) in the chat-formatted text shards."""
 
 
@@ -74,21 +74,33 @@ def train_shards(data: Path, layout: str) -> list[str]:
     return sorted(str(p) for p in (data / layout).glob("train-*.tar"))
 
 
-def write_asr_text(data: Path, n: int, *, seed: int, samples_per_shard: int) -> str:
-    """Write the ASR exchanges of the first ``n`` speech training transcripts to ``data/asr-text``."""
+def write_asr_text(data: Path, n: int, *, seed: int, samples_per_shard: int, copies: int = 1) -> str:
+    """Write the ASR exchanges of the first ``n`` speech training transcripts to ``data/asr-text``, each
+    ``copies`` times with the transcript stretched over the user turn in a different way
+    (`speech_span_text.stretch_transcript`), so the LM learns to read a speech span (``copies=0``: one
+    exchange each with an empty user turn, the LM learns only the prompt and the kind of answer)."""
+    import random
+
     from mm_llama.data.prompts import asr_system_prompt
     from mm_llama.data.shard_writer import ShardWriter
     from mm_llama.data.synth.speech import LANGUAGE, speech_transcript
+    from mm_llama.data.synth.speech_span_text import stretch_transcript
     from mm_llama.data.synth.splits import sample_key
     from mm_llama.data.synth.text import chat_turn
 
     system = asr_system_prompt(LANGUAGE)
+    rng = random.Random(f"{seed}-asr-text")
+    written = 0
     with ShardWriter(data / ASR_TEXT_LAYOUT, prefix="train", samples_per_shard=samples_per_shard,
                      overwrite=True) as writer:
         for index in range(n):
-            text = chat_turn("", speech_transcript(seed, "train", index), system=system)
-            writer.write(sample_key("train", index), {"txt": text.encode("utf-8")})
-    return f"{n} ASR exchanges"
+            transcript = speech_transcript(seed, "train", index)
+            users = [stretch_transcript(transcript, rng) for _ in range(copies)] if copies else [""]
+            for user in users:
+                text = chat_turn(user, transcript, system=system)
+                writer.write(sample_key("train", written), {"txt": text.encode("utf-8")})
+                written += 1
+    return f"{written} ASR exchanges"
 
 
 def write_silence(data: Path, n: int, *, seed: int, samples_per_shard: int) -> str:

@@ -114,8 +114,9 @@ def test_quick_demo_writes_every_stage_output(demo) -> None:
     assert json.loads((out / "data" / "synth-shapes-train.json").read_text())["options"] == {"square": True}
 
 
-def test_the_lm_reads_each_speech_training_transcript_as_an_asr_exchange(demo) -> None:
+def test_the_lm_reads_each_speech_training_transcript_stretched_over_the_user_turn(demo) -> None:
     from mm_llama.data.packed_text import read_documents
+    from mm_llama.data.synth.speech_span_text import FILLER
 
     out = demo[0].out
     exchanges = [t for shard in sorted((out / "data" / "asr-text").glob("*.tar")) for t in read_documents(shard)]
@@ -123,11 +124,18 @@ def test_the_lm_reads_each_speech_training_transcript_as_an_asr_exchange(demo) -
     for shard in sorted((out / "data" / "speech").glob("train-*.tar")):
         with tarfile.open(shard) as tar:
             spoken += [json.loads(tar.extractfile(m).read())["text"] for m in tar if m.name.endswith(".json")]  # type: ignore[union-attr]
-    assert len(exchanges) == len(spoken) == DemoSettings.quick().speech_train_utterances
-    for exchange, text in zip(exchanges, spoken):
-        assert exchange == ("<|start_header_id|>system<|end_header_id|>\n\nRepeat after me in English:<|eot_id|>"
-                            "<|start_header_id|>user<|end_header_id|>\n\n<|eot_id|>"
-                            f"<|start_header_id|>assistant<|end_header_id|>\n\n{text}<|eot_id|>")
+    copies = DemoSettings.quick().asr_text_copies
+    assert len(spoken) == DemoSettings.quick().speech_train_utterances and len(exchanges) == copies * len(spoken)
+    for index, exchange in enumerate(exchanges):
+        text = spoken[index // copies]
+        head, user, answer = exchange.split("<|start_header_id|>")[1:]
+        assert head == "system<|end_header_id|>\n\nRepeat after me in English:<|eot_id|>"
+        assert answer == f"assistant<|end_header_id|>\n\n{text}<|eot_id|>"
+        span = user.removeprefix("user<|end_header_id|>\n\n").removesuffix("<|eot_id|>")
+        assert span.startswith(FILLER) and span.replace(FILLER, "") == text
+    assert len(set(exchanges[:copies])) == copies  # each copy stretched its own way
+    speech = load_recipe(out / "speech" / "config.yaml")
+    assert speech.model.speech["ctc"]["blank"] == FILLER
 
 
 def test_metrics_json_has_every_number_in_range(demo) -> None:
@@ -230,7 +238,7 @@ def test_settings_are_validated_and_their_overrides_fit_the_recipes() -> None:
     assert two.problems() == []
     bad = DemoSettings(train_images=0, encoder_images=-1, vocab_size=100, lm={"train.steps=3": 1},
                        vision={"model.vision.stem_pixel_path": "mean", "model.fusion_layers": [0]},
-                       square_images="yes",  # type: ignore[arg-type]
+                       square_images="yes", asr_text_copies=-2,  # type: ignore[arg-type]
                        adapter_stages=[AdapterStage("lm"), AdapterStage("b", "captions", init_from="c"),
                                        AdapterStage("d", layouts=("image-chats",))])
     problems = "\n".join(bad.problems())
@@ -240,6 +248,7 @@ def test_settings_are_validated_and_their_overrides_fit_the_recipes() -> None:
                  "'train.steps=3' is not a dotted recipe key", "name is taken",
                  "task must be one of ['caption', 'vqa', 'caption_vqa'], got 'captions'",
                  "init_from 'c' is not an earlier adapter stage", "square_images must be true or false, got 'yes'",
+                 "asr_text_copies must be a non-negative integer, got -2",
                  "layouts must be shapes layouts ['image-caption', 'image-qa', 'image-chat'], got ('image-chats',)"):
         assert text in problems
     with pytest.raises(DemoError, match="invalid demo settings"):
