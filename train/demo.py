@@ -237,7 +237,7 @@ class _Demo:
         s = self.settings
         text = self.write("text", [("train", s.text_documents)], chat=True)
         asr = write_asr_text(self.data, s.speech_train_utterances, seed=s.seed, samples_per_shard=s.samples_per_shard,
-                             copies=s.asr_text_copies)
+                             copies=s.asr_text_copies, silent=s.speech_silent_clips)
         return f"{text}; {asr}"
 
     def lm_text_shards(self) -> list[str]:

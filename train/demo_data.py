@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ASR_TEXT_LAYOUT", "DEMO_KINDS", "SILENCE_LAYOUT", "SILENCE_TRANSCRIPT", "SPECIAL_TOKEN_TEXT",
+__all__ = ["ASR_TEXT_LAYOUT", "DEMO_KINDS", "SILENCE_LAYOUT", "SILENCE_SECONDS", "SILENCE_TRANSCRIPT", "SPECIAL_TOKEN_TEXT",
            "available_cores", "synth_shards", "tokenizer_documents", "train_shards", "write_asr_text", "write_kind",
            "write_silence"]
 
@@ -27,6 +27,9 @@ SILENCE_LAYOUT = "speech-silence"
 SILENCE_TRANSCRIPT = "."
 """What a silent training clip is labelled: no word after Whisper's normalisation (an empty transcript has no
 label to train, `EmptyReferenceError`), so the model learns to say nothing to silence."""
+SILENCE_SECONDS = (1.0, 10.0)
+"""How long the silent clips of the LM's ASR exchanges are (`write_asr_text`): `write_silence`'s training clips
+last 1-6 s, the silence control takes each test utterance's length (up to about 10 s)."""
 SPECIAL_TOKEN_TEXT = re.compile(r"<\|[a-z0-9_]+\|>")
 """Special-token text (``<|eot_id|>``) in the chat-formatted text shards."""
 
@@ -74,13 +77,17 @@ def train_shards(data: Path, layout: str) -> list[str]:
     return sorted(str(p) for p in (data / layout).glob("train-*.tar"))
 
 
-def write_asr_text(data: Path, n: int, *, seed: int, samples_per_shard: int, copies: int = 1) -> str:
+def write_asr_text(data: Path, n: int, *, seed: int, samples_per_shard: int, copies: int = 1, silent: int = 0) -> str:
     """Write the ASR exchanges of the first ``n`` speech training transcripts to ``data/asr-text``, each
     ``copies`` times with the transcript stretched over the user turn in a different way
     (`speech_span_text.stretch_transcript`), so the LM learns to read a speech span (``copies=0``: one
-    exchange each with an empty user turn, the LM learns only the prompt and the kind of answer)."""
+    exchange each with an empty user turn, the LM learns only the prompt and the kind of answer). With
+    ``copies``, also ``silent`` × ``copies`` exchanges of a silent clip's span (`SILENCE_SECONDS`, fillers and
+    `SILENCE_TRANSCRIPT`) answered `SILENCE_TRANSCRIPT`: an LM that learned to copy spans, and never saw an empty
+    one, answers silence with words."""
     import random
 
+    from mm_llama.adapters.speech_adapter import speech_token_count
     from mm_llama.data.prompts import asr_system_prompt
     from mm_llama.data.shard_writer import ShardWriter
     from mm_llama.data.synth.speech import LANGUAGE, speech_transcript
@@ -90,17 +97,20 @@ def write_asr_text(data: Path, n: int, *, seed: int, samples_per_shard: int, cop
 
     system = asr_system_prompt(LANGUAGE)
     rng = random.Random(f"{seed}-asr-text")
-    written = 0
+    exchanges = []
+    for index in range(n):
+        transcript = speech_transcript(seed, "train", index)
+        users = [stretch_transcript(transcript, rng) for _ in range(copies)] if copies else [""]
+        exchanges += [(user, transcript) for user in users]
+    for _ in range(silent * copies):
+        frames = int(rng.uniform(*SILENCE_SECONDS) * 100)
+        exchanges.append((stretch_transcript(SILENCE_TRANSCRIPT, rng, length=speech_token_count(frames)),
+                          SILENCE_TRANSCRIPT))
     with ShardWriter(data / ASR_TEXT_LAYOUT, prefix="train", samples_per_shard=samples_per_shard,
                      overwrite=True) as writer:
-        for index in range(n):
-            transcript = speech_transcript(seed, "train", index)
-            users = [stretch_transcript(transcript, rng) for _ in range(copies)] if copies else [""]
-            for user in users:
-                text = chat_turn(user, transcript, system=system)
-                writer.write(sample_key("train", written), {"txt": text.encode("utf-8")})
-                written += 1
-    return f"{written} ASR exchanges"
+        for index, (user, answer) in enumerate(exchanges):
+            writer.write(sample_key("train", index), {"txt": chat_turn(user, answer, system=system).encode("utf-8")})
+    return f"{len(exchanges)} ASR exchanges"
 
 
 def write_silence(data: Path, n: int, *, seed: int, samples_per_shard: int) -> str:

@@ -44,14 +44,15 @@ def _block(piece: str, rng: random.Random) -> list[str]:
     return [FILLER] * at + [piece] + [FILLER] * (size - at - 1)
 
 
-def stretch_transcript(text: str, rng: random.Random) -> str:
+def stretch_transcript(text: str, rng: random.Random, *, length: int | None = None) -> str:
     """``text`` as a stretched span (see the module docstring): special-token text with ``allow_special``.
 
     Every pre-token of ``text`` appears once, in order, so removing `FILLER` gives ``text`` back (after
-    ``strip()``); an empty ``text`` gives fillers only (what silence sounds like)."""
+    ``strip()``); an empty ``text`` gives fillers only. ``length``: the span's positions at least (more
+    fillers at the end), as a long clip of silence labelled "." spans many adapter outputs."""
     pieces = _PATTERN.findall(text.strip())
     out = [FILLER] * rng.randint(*PAD_BLOCK)
     for piece in pieces:
         out += _block(piece, rng)
-    out += [FILLER] * rng.randint(*PAD_BLOCK)
+    out += [FILLER] * max(rng.randint(*PAD_BLOCK), (length or 0) - len(out))
     return "".join(out)

@@ -117,6 +117,7 @@ def test_quick_demo_writes_every_stage_output(demo) -> None:
 def test_the_lm_reads_each_speech_training_transcript_stretched_over_the_user_turn(demo) -> None:
     from mm_llama.data.packed_text import read_documents
     from mm_llama.data.synth.speech_span_text import FILLER
+    from mm_llama.train.demo_data import SILENCE_TRANSCRIPT
 
     out = demo[0].out
     exchanges = [t for shard in sorted((out / "data" / "asr-text").glob("*.tar")) for t in read_documents(shard)]
@@ -124,10 +125,11 @@ def test_the_lm_reads_each_speech_training_transcript_stretched_over_the_user_tu
     for shard in sorted((out / "data" / "speech").glob("train-*.tar")):
         with tarfile.open(shard) as tar:
             spoken += [json.loads(tar.extractfile(m).read())["text"] for m in tar if m.name.endswith(".json")]  # type: ignore[union-attr]
-    copies = DemoSettings.quick().asr_text_copies
-    assert len(spoken) == DemoSettings.quick().speech_train_utterances and len(exchanges) == copies * len(spoken)
+    settings = DemoSettings.quick()
+    copies, silent = settings.asr_text_copies, settings.speech_silent_clips * settings.asr_text_copies
+    assert len(spoken) == settings.speech_train_utterances and len(exchanges) == copies * len(spoken) + silent
     for index, exchange in enumerate(exchanges):
-        text = spoken[index // copies]
+        text = spoken[index // copies] if index < copies * len(spoken) else SILENCE_TRANSCRIPT
         head, user, answer = exchange.split("<|start_header_id|>")[1:]
         assert head == "system<|end_header_id|>\n\nRepeat after me in English:<|eot_id|>"
         assert answer == f"assistant<|end_header_id|>\n\n{text}<|eot_id|>"

@@ -42,6 +42,9 @@ def test_block_lengths_follow_the_speech_span() -> None:
 
 def test_silence_is_fillers_only_and_the_layout_is_seeded() -> None:
     assert set(_blocks(stretch_transcript("", random.Random(2)))) <= {"", "F"}
+    long = [p for p in _blocks(stretch_transcript(".", random.Random(2), length=60)) if p]
+    assert len(long) == 60 and long.count(".") == 1  # a long silent clip: fillers up to the span's length
+    assert len([p for p in _blocks(stretch_transcript(TEXT, random.Random(2), length=5)) if p]) > 5  # at least
     assert stretch_transcript(TEXT, random.Random(3)) == stretch_transcript(TEXT, random.Random(3))
     assert stretch_transcript(TEXT, random.Random(3)) != stretch_transcript(TEXT, random.Random(4))
 
