@@ -94,6 +94,7 @@ def write_asr_text(data: Path, n: int, *, seed: int, samples_per_shard: int, cop
     from mm_llama.data.synth.speech_span_text import stretch_transcript
     from mm_llama.data.synth.splits import sample_key
     from mm_llama.data.synth.text import chat_turn
+    from mm_llama.encoders.audio_features import FRAMES_PER_SECOND
 
     system = asr_system_prompt(LANGUAGE)
     rng = random.Random(f"{seed}-asr-text")
@@ -103,7 +104,7 @@ def write_asr_text(data: Path, n: int, *, seed: int, samples_per_shard: int, cop
         users = [stretch_transcript(transcript, rng) for _ in range(copies)] if copies else [""]
         exchanges += [(user, transcript) for user in users]
     for _ in range(silent * copies):
-        frames = int(rng.uniform(*SILENCE_SECONDS) * 100)
+        frames = int(rng.uniform(*SILENCE_SECONDS) * FRAMES_PER_SECOND)
         exchanges.append((stretch_transcript(SILENCE_TRANSCRIPT, rng, length=speech_token_count(frames)),
                           SILENCE_TRANSCRIPT))
     with ShardWriter(data / ASR_TEXT_LAYOUT, prefix="train", samples_per_shard=samples_per_shard,

@@ -70,7 +70,7 @@ class ModelConfig:
     image-encoder call); `speech`: the speech modality's
     `encoder` and `adapter` (a preset name, `tiny` or `paper`, or a mapping of fields with an optional
     `preset`), `encoder_checkpoint` (a BEST-RQ run or its `speech_encoder.safetensors`: the Conformer
-    to start from), `best_rq` and `ctc` (the CTC aid of a speech stage, `train.speech_ctc`: `blank`, a special
+    to start from), `best_rq` and `ctc` (the CTC aid of a speech stage, `mm_llama.train.speech_ctc`: `blank`, a special
     token's text or an id, `weight`, `scale`; absent in the paper recipes). `contrastive`: settings of
     contrastive image-encoder pretraining (`data.task: contrastive`; see `train.contrastive`):
     `embed_dim`, `pool` (cls | mean), `init_temperature`, `max_logit_scale`. `lora`: LoRA on the LM's

@@ -148,8 +148,12 @@ class ImageTextTask(Task):
         return label_count(batch.text.labels)
 
     def step(self, model: nn.Module, batch: Any) -> StepResult:
-        text = batch.text
-        logits = model(text.input_ids, media=self.media(batch), attention_mask=text.attention_mask,
+        return self.answer_step(model, batch.text, self.media(batch))
+
+    @staticmethod
+    def answer_step(model: nn.Module, text: Any, media: dict[str, Any]) -> StepResult:
+        """The response tokens' loss of `text` (a `TextBatch`) with `media` (`MultimodalLlama(media=…)`)."""
+        logits = model(text.input_ids, media=media, attention_mask=text.attention_mask,
                        logits_at=predicting_positions(text.labels))
         loss, units = selected_cross_entropy(logits, text.labels)
         return StepResult(loss, units, int(text.attention_mask.sum()), int(text.input_ids.shape[0]))
@@ -182,17 +186,15 @@ class AudioTextTask(ImageTextTask):
         if self.ctc is None:
             return super().step(model, batch)
         inner = unwrap(model)
-        encoded = EncodedSpeech(*inner.speech.encode(batch))
-        text = batch.text
-        logits = model(text.input_ids, media={"speech": encoded}, attention_mask=text.attention_mask,
-                       logits_at=predicting_positions(text.labels))
-        loss, units = selected_cross_entropy(logits, text.labels)
-        targets, target_lengths = response_targets(text.labels)
+        encoded = EncodedSpeech(*inner.speech.encode(batch))  # once: the answer and the aid both read it
+        answer = self.answer_step(model, batch.text, {"speech": encoded})
+        targets, target_lengths = response_targets(batch.text.labels)
         ctc = embedding_ctc_loss(encoded.embeds, encoded.lengths, inner.decoder.tok_embeddings.weight, targets,
                                  target_lengths, blank=self.ctc.blank_id, scale=self.ctc.scale)
-        total = loss + self.ctc.weight * ctc  # both summed; the trainer divides by the answer tokens
-        return StepResult(total, units, int(text.attention_mask.sum()), int(text.input_ids.shape[0]),
-                          {"answer_loss": float(loss.detach()) / max(units, 1), "ctc_loss": float(ctc.detach()) / max(units, 1)})
+        units = max(answer.units, 1)
+        answer.metrics = {"answer_loss": float(answer.loss_sum.detach()) / units, "ctc_loss": float(ctc.detach()) / units}
+        answer.loss_sum = answer.loss_sum + self.ctc.weight * ctc  # both summed; the trainer divides by the answer tokens
+        return answer
 
 
 class BestRqTask(Task):
